@@ -1,0 +1,127 @@
+"""Independent StreamingLLM reference: plain PyTorch, shares no code with vllm_sinks.
+
+Runs a Hugging Face Llama checkpoint (config.json + safetensors) token by token with the cache policy of
+StreamingLLM / `attention_sinks`:
+  * the cache holds keys *before* rotation and values;
+  * each step appends the new token, rotates every cached key at its *cache index* and the query at the
+    last index, attends over the whole cache (so the new token sees the cache and itself);
+  * after the step, if the cache is longer than S + W it keeps the first S entries and the last W.
+Arithmetic in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import load_file
+
+
+def _inv_freq(config: dict, rotary_dim: int) -> torch.Tensor:
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "linear":
+        inv = inv / rope["factor"]
+    elif kind == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"reference: rope type {kind} not implemented")
+    return inv
+
+
+class StreamingLlama:
+    """Token-by-token StreamingLLM over a Llama checkpoint. `window_tokens=None` means a full cache."""
+
+    def __init__(self, model_dir: str, sink_tokens: int, window_tokens: int | None):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.config = c = json.load(f)
+        weights = load_file(os.path.join(model_dir, "model.safetensors"))
+        self.w = {k: v.to(torch.float64) for k, v in weights.items()}
+        self.n_layers = c["num_hidden_layers"]
+        self.n_heads = c["num_attention_heads"]
+        self.n_kv = c.get("num_key_value_heads", self.n_heads)
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.n_heads
+        partial = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+        self.rotary_dim = int(self.head_dim * partial)
+        self.inv_freq = _inv_freq(c, self.rotary_dim)
+        self.eps = c.get("rms_norm_eps", 1e-6)
+        self.S = sink_tokens
+        self.W = window_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.k_cache = [torch.zeros(0, self.n_kv, self.head_dim, dtype=torch.float64) for _ in range(self.n_layers)]
+        self.v_cache = [torch.zeros(0, self.n_kv, self.head_dim, dtype=torch.float64) for _ in range(self.n_layers)]
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """NeoX-style rotation of the first rotary_dim dims of x ([n, heads, d]) at positions ([n])."""
+        ang = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
+        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        x1, x2 = rot.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feeds one token; returns its next-token logits (float64, [vocab])."""
+        w = self.w
+        h = w["model.embed_tokens.weight"][token]
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            x = self._norm(h, w[p + "input_layernorm.weight"])
+            q = (w[p + "self_attn.q_proj.weight"] @ x).view(self.n_heads, self.head_dim)
+            k = (w[p + "self_attn.k_proj.weight"] @ x).view(self.n_kv, self.head_dim)
+            v = (w[p + "self_attn.v_proj.weight"] @ x).view(self.n_kv, self.head_dim)
+            keys = torch.cat((self.k_cache[i], k[None]), dim=0)
+            values = torch.cat((self.v_cache[i], v[None]), dim=0)
+            m = keys.shape[0]
+            idx = torch.arange(m)
+            k_rot = self._rotate(keys, idx)
+            q_rot = self._rotate(q[None], idx[-1:])[0]
+            group = self.n_heads // self.n_kv
+            k_rot = k_rot.repeat_interleave(group, dim=1)
+            vals = values.repeat_interleave(group, dim=1)
+            scores = torch.einsum("hd,mhd->hm", q_rot, k_rot) / math.sqrt(self.head_dim)
+            attn = torch.einsum("hm,mhd->hd", torch.softmax(scores, dim=-1), vals).reshape(-1)
+            h = h + w[p + "self_attn.o_proj.weight"] @ attn
+            x = self._norm(h, w[p + "post_attention_layernorm.weight"])
+            gate = w[p + "mlp.gate_proj.weight"] @ x
+            up = w[p + "mlp.up_proj.weight"] @ x
+            h = h + w[p + "mlp.down_proj.weight"] @ (torch.nn.functional.silu(gate) * up)
+            if self.W is not None and m > self.S + self.W:
+                keys = torch.cat((keys[: self.S], keys[m - self.W :]), dim=0)
+                values = torch.cat((values[: self.S], values[m - self.W :]), dim=0)
+            self.k_cache[i], self.v_cache[i] = keys, values
+        h = self._norm(h, w["model.norm.weight"])
+        head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+        return head @ h
+
+    def logprobs(self, tokens: list[int]) -> torch.Tensor:
+        """[len(tokens), vocab] log-probabilities of the next token after each prefix, from a fresh cache."""
+        self.reset()
+        return torch.stack([torch.log_softmax(self.step(t), dim=-1) for t in tokens])
+
+    def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """Greedy continuation of `prompt` from a fresh cache."""
+        self.reset()
+        for t in prompt[:-1]:
+            self.step(t)
+        out, last = [], prompt[-1]
+        for _ in range(max_tokens):
+            last = int(torch.argmax(self.step(last)))
+            out.append(last)
+        return out

@@ -1,0 +1,227 @@
+"""KV-cache spec and block manager for sink + window layers.
+
+A stream's logical blocks are [sink blocks][freed middle: null blocks][window blocks][chunk]. Invariants:
+
+* the first `ceil(S / B)` blocks of a request are never freed while it runs (they hold the sink tokens);
+* a block is returned to the pool as soon as every one of its tokens lies outside both the sinks and the
+  window of the next token to compute; its slot in the block table becomes the null block;
+* so a running request holds at most `ceil(S/B) + ceil((W + chunk)/B) + 1` blocks, whatever its length, and
+  that same bound sizes the pool (`max_memory_usage_bytes`) and caps admission.
+
+Prefix caching: a prompt hits the cache when its sink blocks and the `ceil(W / B)` blocks before the hit
+point are cached; middle blocks need not be (they are nulls in the returned hit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock
+from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager, resolve_block_hashes
+from vllm.v1.kv_cache_interface import KVCacheSpec, SlidingWindowSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkWindowSpec(SlidingWindowSpec):
+    """Sliding window of W + 1 tokens (vLLM counts the query itself) plus `sink_tokens` pinned tokens."""
+
+    sink_tokens: int
+
+    @property
+    def window_tokens(self) -> int:
+        return self.sliding_window - 1
+
+    @property
+    def num_sink_blocks(self) -> int:
+        return cdiv(self.sink_tokens, self.block_size)
+
+    def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
+        """ceil(S/B) + ceil((W + in-flight tokens)/B) + 1, never more than max_model_len needs."""
+        window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
+        return min(self.num_sink_blocks + window, cdiv(max_model_len, self.block_size) + 1)
+
+    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
+        return all(
+            isinstance(spec, SinkWindowSpec)
+            and spec.sliding_window == self.sliding_window
+            and spec.sink_tokens == self.sink_tokens
+            for spec in kv_cache_specs.values()
+        )
+
+
+class SinkWindowManager(SlidingWindowManager):
+    """SlidingWindowManager that keeps the sink blocks of every request."""
+
+    def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.num_sink_blocks = kv_cache_spec.num_sink_blocks
+        # Blocks returned to the pool by the window since start-up (for metrics and tests).
+        self.num_window_freed_blocks = 0
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def num_held_blocks(self, request_id: str) -> int:
+        """Real (non-null) blocks that `request_id` holds now."""
+        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
+
+    def _num_freeable_blocks(self, num_computed_tokens: int) -> int:
+        """Blocks [0, n) lie wholly before the window of the next token; of those, [sinks, n) are freeable."""
+        return self.get_num_skipped_tokens(num_computed_tokens) // self.block_size
+
+    # -- allocation --------------------------------------------------------------------------------------
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+    ) -> int:
+        num = super().get_num_blocks_to_allocate(
+            request_id,
+            num_tokens,
+            new_computed_blocks,
+            total_computed_tokens,
+            num_local_computed_tokens,
+            num_tokens_main_model,
+            apply_admission_cap,
+        )
+        if request_id in self.num_cached_block or not new_computed_blocks:
+            return num
+        # The base class treats every block before the window as skipped; the sink blocks among them are
+        # touched too, so the evictable ones count against free capacity.
+        skipped = self._num_freeable_blocks(total_computed_tokens)
+        pinned = new_computed_blocks[: min(self.num_sink_blocks, skipped)]
+        return num + self._get_num_evictable_blocks(pinned)
+
+    def add_local_computed_blocks(
+        self,
+        request_id: str,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        num_local_computed_tokens: int,
+        num_external_computed_tokens: int,
+    ) -> None:
+        req_blocks = self.req_to_blocks[request_id]
+        assert len(req_blocks) == 0
+        skipped = self._num_freeable_blocks(num_local_computed_tokens + num_external_computed_tokens)
+        sinks = min(self.num_sink_blocks, skipped, len(new_computed_blocks))
+        kept_head = list(new_computed_blocks[:sinks])
+        num_nulls = max(skipped - sinks, 0)
+        kept_tail = list(new_computed_blocks[max(skipped, sinks) :])
+        if self.enable_caching:
+            self.block_pool.touch(kept_head + kept_tail)
+        else:
+            assert not any(new_computed_blocks), "computed blocks must be empty without prefix caching"
+        req_blocks.extend(kept_head)
+        req_blocks.extend([self._null_block] * num_nulls)
+        req_blocks.extend(kept_tail)
+        self.num_cached_block[request_id] = len(req_blocks)
+
+    def remove_skipped_blocks(
+        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
+    ) -> None:
+        """Frees blocks [sink blocks, first window block) and puts null blocks in their place."""
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        last = min(self._num_freeable_blocks(processed_computed_tokens), len(blocks))
+        first = self.num_sink_blocks
+        if last <= first or blocks[last - 1].is_null:
+            return
+        before = self.block_pool.get_num_free_blocks()
+        self._remove_blocks_in_range(request_id, first, last)
+        self.num_window_freed_blocks += self.block_pool.get_num_free_blocks() - before
+
+    # -- prefix caching ----------------------------------------------------------------------------------
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes: BlockHashList,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool: BlockPool,
+        kv_cache_spec: KVCacheSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
+        """Longest hit = cached sink blocks + a run of cached blocks covering the W tokens before it."""
+        assert isinstance(kv_cache_spec, SinkWindowSpec)
+        assert dcp_world_size == 1 and pcp_world_size == 1, "SINKS does not support context parallelism"
+        block_size = kv_cache_spec.block_size
+        assert alignment_tokens % block_size == 0, "SINKS needs block-aligned prefix-cache hits"
+        block_hashes = resolve_block_hashes(
+            block_hashes,
+            block_pool.hash_block_size,
+            block_size,
+            supports_fine_grained_hash_lookup=cls.supports_fine_grained_hash_lookup,
+            alignment_tokens=alignment_tokens,
+        )
+        num_groups = len(kv_cache_group_ids)
+        empty: tuple[list[KVCacheBlock], ...] = tuple([] for _ in range(num_groups))
+        max_blocks = min(max_length // block_size, len(block_hashes))
+        sink_blocks = min(kv_cache_spec.num_sink_blocks, max_blocks)
+        run_needed = cls._contiguous_blocks_for_hit(kv_cache_spec.sliding_window, block_size, drop_eagle_block)
+        align_blocks = alignment_tokens // block_size
+
+        def cached(i: int) -> list[KVCacheBlock] | None:
+            return block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+
+        sinks: list[list[KVCacheBlock]] = []
+        for i in range(sink_blocks):
+            hit = cached(i)
+            if hit is None:
+                break
+            sinks.append(hit)
+        num_sinks = len(sinks)
+        # A hit of n blocks is valid if blocks [0, min(num_sink_blocks, n)) are cached and blocks
+        # [max(0, n - run_needed), n) are cached. Search n from the right.
+        best_n, run = 0, []
+        # Scan right to left keeping the current contiguous run of cached blocks.
+        run_blocks: list[list[KVCacheBlock]] = []
+        run_end = max_blocks
+        for i in range(max_blocks - 1, -1, -1):
+            hit = cached(i) if i >= num_sinks else sinks[i]
+            if hit is None:
+                run_blocks, run_end = [], i
+                continue
+            run_blocks.append(hit)
+            covers_window = len(run_blocks) >= run_needed or i == 0
+            sinks_ok = num_sinks >= min(kv_cache_spec.num_sink_blocks, i)
+            if covers_window and sinks_ok and run_end % align_blocks == 0:
+                best_n, run = run_end, run_blocks[::-1]
+                break
+        if best_n == 0:
+            # Prefix of contiguously cached blocks from 0 (shorter than a full window).
+            prefix: list[list[KVCacheBlock]] = []
+            for i in range(max_blocks):
+                hit = cached(i) if i >= num_sinks else sinks[i]
+                if hit is None:
+                    break
+                prefix.append(hit)
+            n = len(prefix) - len(prefix) % align_blocks
+            if n == 0:
+                return empty, 0
+            best_n, run = n, prefix[:n]
+        if drop_eagle_block:
+            best_n -= 1
+            run = run[:-1]
+            if best_n <= 0:
+                return empty, 0
+        run_start = best_n - len(run)
+        computed = tuple([] for _ in range(num_groups))
+        for g in range(num_groups):
+            head = [sinks[i][g] for i in range(min(num_sinks, run_start))]
+            nulls = [block_pool.null_block] * (run_start - len(head))
+            computed[g].extend(head + nulls + [blk[g] for blk in run])
+        return computed, best_n * block_size
+
+    @classmethod
+    def reachable_block_mask(cls, *args, **kwargs) -> list[bool] | None:
+        """Cache every full block: sink blocks and window blocks are both hit candidates."""
+        return None

@@ -53,7 +53,9 @@ class StreamingLlama:
         self.n_heads = c["num_attention_heads"]
         self.n_kv = c.get("num_key_value_heads", self.n_heads)
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.n_heads
-        partial = (c.get("rope_parameters") or {}).get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+        partial = (c.get("rope_parameters") or {}).get(
+            "partial_rotary_factor", c.get("partial_rotary_factor", 1.0)
+        )
         self.rotary_dim = int(self.head_dim * partial)
         self.inv_freq = _inv_freq(c, self.rotary_dim)
         self.eps = c.get("rms_norm_eps", 1e-6)
@@ -62,8 +64,12 @@ class StreamingLlama:
         self.reset()
 
     def reset(self) -> None:
-        self.k_cache = [torch.zeros(0, self.n_kv, self.head_dim, dtype=torch.float64) for _ in range(self.n_layers)]
-        self.v_cache = [torch.zeros(0, self.n_kv, self.head_dim, dtype=torch.float64) for _ in range(self.n_layers)]
+        self.k_cache = [
+            torch.zeros(0, self.n_kv, self.head_dim, dtype=torch.float64) for _ in range(self.n_layers)
+        ]
+        self.v_cache = [
+            torch.zeros(0, self.n_kv, self.head_dim, dtype=torch.float64) for _ in range(self.n_layers)
+        ]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight

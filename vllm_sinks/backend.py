@@ -51,7 +51,13 @@ class SinksAttentionBackend(AttentionBackend):
         return SinksAttentionImpl
 
     @staticmethod
-    def get_builder_cls() -> type[SinksMetadataBuilder]:
+    def get_builder_cls() -> type[AttentionMetadataBuilder]:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda():
+            from vllm_sinks.backend_cuda import SinksCudaMetadataBuilder
+
+            return SinksCudaMetadataBuilder
         return SinksMetadataBuilder
 
     @staticmethod
@@ -108,7 +114,11 @@ class SinksMetadataBuilder(AttentionMetadataBuilder[SinksMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     def __init__(
-        self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.sinks: SinksConfig = sinks_config_from_vllm(vllm_config)
@@ -217,27 +227,58 @@ class SinksAttentionImpl(AttentionImpl[SinksMetadata]):
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if not isinstance(attn_metadata, SinksMetadata):
+            self._forward_cuda(q, k, v, kv_cache, attn_metadata, out)
+            return output
         positions = attn_metadata.positions
         ops_torch.write_kv(kv_cache, self.rope.rotate(k, positions), v, attn_metadata.slot_mapping)
-        q_window = self.rope.rotate(q, positions)
-        q_sink = self.rope.rotate(q, attn_metadata.sink_positions)
-        if query.is_cuda:
-            from vllm_sinks import ops_cuda
-
-            ops_cuda.sink_window_attention(
-                q_window, q_sink, kv_cache, attn_metadata, self.sinks, self.scale, out
-            )
-        else:
-            ops_torch.sink_window_attention(
-                q_window,
-                q_sink,
-                kv_cache,
-                attn_metadata.block_table,
-                attn_metadata.query_start_loc_cpu,
-                attn_metadata.seq_lens_cpu,
-                self.sinks.sink_tokens,
-                self.sinks.window_tokens,
-                self.scale,
-                out,
-            )
+        ops_torch.sink_window_attention(
+            self.rope.rotate(q, positions),
+            self.rope.rotate(q, attn_metadata.sink_positions),
+            kv_cache,
+            attn_metadata.block_table,
+            attn_metadata.query_start_loc_cpu,
+            attn_metadata.seq_lens_cpu,
+            self.sinks.sink_tokens,
+            self.sinks.window_tokens,
+            self.scale,
+            out,
+        )
         return output
+
+    def _forward_cuda(self, q, k, v, kv_cache, md, out) -> None:
+        """FlashAttention on the window, then the sinks merged in by log-sum-exp (see ops_cuda)."""
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+
+        from vllm_sinks import ops_cuda
+
+        assert self.rope is not None
+        fa = md.fa
+        key_cache, value_cache = kv_cache.unbind(0)
+        q_sink = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        ops_cuda.rope_and_cache(
+            q, k, v, q_sink, key_cache, value_cache, fa.slot_mapping[: q.shape[0]],
+            md.cos_win, md.sin_win, md.cos_sink, md.sin_sink, self.rope.rotary_dim, self.rope.is_neox_style,
+        )  # fmt: skip
+        _, lse = flash_attn_varlen_func(
+            q=q,
+            k=key_cache,
+            v=value_cache,
+            out=out,
+            cu_seqlens_q=fa.query_start_loc,
+            max_seqlen_q=fa.max_query_len,
+            seqused_k=fa.seq_lens,
+            max_seqlen_k=fa.max_seq_len,
+            softmax_scale=self.scale,
+            causal=True,
+            window_size=[self.sinks.window_tokens, 0],
+            block_table=fa.block_table,
+            return_softmax_lse=True,
+            scheduler_metadata=fa.scheduler_metadata,
+            fa_version=get_flash_attn_version(head_size=self.head_size),
+            num_splits=fa.max_num_splits,
+        )
+        ops_cuda.sink_attention_merge(
+            q_sink, key_cache, value_cache, out, lse, md.positions, md.req_indices, fa.block_table,
+            self.sinks.sink_tokens, self.sinks.window_tokens, self.scale,
+        )  # fmt: skip

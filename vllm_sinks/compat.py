@@ -291,9 +291,11 @@ def _reject_unsupported_models(model_config: Any) -> None:
         reasons.append("MLA attention")
     if getattr(model_config, "is_hybrid", False):
         reasons.append("hybrid (attention + state-space) models")
-    if model_config.get_sliding_window() is not None or getattr(
-        model_config.hf_text_config, "layer_types", None
-    ) and any("sliding" in str(t) for t in model_config.hf_text_config.layer_types):
+    if (
+        model_config.get_sliding_window() is not None
+        or getattr(model_config.hf_text_config, "layer_types", None)
+        and any("sliding" in str(t) for t in model_config.hf_text_config.layer_types)
+    ):
         reasons.append("models with their own sliding-window layers")
     if getattr(model_config, "uses_mrope", False):
         reasons.append("multimodal rotary positions (M-RoPE)")

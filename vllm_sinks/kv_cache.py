@@ -166,7 +166,9 @@ class SinkWindowManager(SlidingWindowManager):
         empty: tuple[list[KVCacheBlock], ...] = tuple([] for _ in range(num_groups))
         max_blocks = min(max_length // block_size, len(block_hashes))
         sink_blocks = min(kv_cache_spec.num_sink_blocks, max_blocks)
-        run_needed = cls._contiguous_blocks_for_hit(kv_cache_spec.sliding_window, block_size, drop_eagle_block)
+        run_needed = cls._contiguous_blocks_for_hit(
+            kv_cache_spec.sliding_window, block_size, drop_eagle_block
+        )
         align_blocks = alignment_tokens // block_size
 
         def cached(i: int) -> list[KVCacheBlock] | None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Scatters key/value ([n, kv_heads, head_size]) into the cache at `slot_mapping` ([n]; -1 = skip)."""
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat_k = kv_cache[0].view(num_blocks * block_size, *kv_cache.shape[3:])

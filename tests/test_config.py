@@ -1,0 +1,58 @@
+"""SinksConfig parsing and validation: every bad value fails with a message that says what to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_sinks.config import SinksConfig, SinksConfigError, parse_sinks_config
+
+
+def test_defaults_match_attention_sinks():
+    assert parse_sinks_config({}, environ={}) == SinksConfig(sink_tokens=4, window_tokens=1020)
+
+
+def test_additional_config_wins_over_environment():
+    env = {"VLLM_SINKS_SINK_TOKENS": "2", "VLLM_SINKS_WINDOW_TOKENS": "100"}
+    assert parse_sinks_config({}, environ=env) == SinksConfig(2, 100)
+    cfg = parse_sinks_config({"sinks": {"window_tokens": 60}}, environ=env)
+    assert cfg == SinksConfig(2, 60)
+    assert parse_sinks_config('{"sinks": {"sink_tokens": 0}}', environ={}) == SinksConfig(0, 1020)
+
+
+@pytest.mark.parametrize(
+    "additional, env, message",
+    [
+        ({"sinks": {"sink_token": 4}}, {}, "unknown key(s) ['sink_token']"),
+        ({"sinks": {"sink_tokens": "four"}}, {}, "sink_tokens must be an integer"),
+        ({"sinks": {"window_tokens": 1.5}}, {}, "window_tokens must be an integer"),
+        ({"sinks": {"sink_tokens": True}}, {}, "sink_tokens must be an integer"),
+        ({"sinks": {"sink_tokens": -1}}, {}, "sink_tokens=-1 must be >= 0"),
+        ({"sinks": {"window_tokens": 0}}, {}, "window_tokens=0 must be >= 1"),
+        ({"sinks": [4, 1020]}, {}, '"sinks" must be an object'),
+        ("{not json", {}, "not valid JSON"),
+        (
+            {},
+            {"VLLM_SINKS_WINDOW_TOKENS": "big"},
+            "VLLM_SINKS_WINDOW_TOKENS: window_tokens must be an integer",
+        ),
+    ],
+)
+def test_bad_values_say_what_to_change(additional, env, message):
+    with pytest.raises(SinksConfigError) as e:
+        parse_sinks_config(additional, environ=env)
+    assert message in str(e.value)
+
+
+def test_engine_dependent_checks():
+    SinksConfig(4, 60).validate_for(block_size=16, max_position_embeddings=2048)
+    with pytest.raises(SinksConfigError, match="larger than one KV block"):
+        SinksConfig(4, 16).validate_for(block_size=16, max_position_embeddings=2048)
+    with pytest.raises(SinksConfigError, match="reaches the model's trained context"):
+        SinksConfig(4, 2044).validate_for(block_size=16, max_position_embeddings=2048)
+
+
+def test_block_bound():
+    cfg = SinksConfig(4, 60)
+    # ceil(4/16) + ceil((60 + 64)/16) + 1
+    assert cfg.max_blocks_per_request(16, 64) == 1 + 8 + 1
+    assert SinksConfig(0, 60).max_blocks_per_request(16, 1) == 0 + 4 + 1

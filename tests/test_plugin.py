@@ -1,0 +1,153 @@
+"""Plugin discovery, the name SINKS through the CLI parser and EngineArgs, and start-up refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.metadata import entry_points
+
+import pytest
+
+
+def test_entry_point_is_registered():
+    eps = entry_points(group="vllm.general_plugins")
+    assert "vllm_sinks.plugin:register" in {ep.value for ep in eps}
+
+
+def test_vllm_loads_plugin_and_knows_sinks():
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    load_general_plugins()
+    backend = AttentionBackendEnum["SINKS"]
+    from vllm_sinks.backend import SinksAttentionBackend
+
+    assert backend.get_class() is SinksAttentionBackend
+    assert AttentionBackendEnum["sinks".upper()] is backend
+    # Other backends are untouched.
+    assert AttentionBackendEnum["FLASH_ATTN"].get_class().get_name() == "FLASH_ATTN"
+
+
+def test_other_vllm_version_is_refused(monkeypatch):
+    import vllm
+
+    from vllm_sinks import compat
+
+    monkeypatch.setattr(vllm, "__version__", "0.25.1")
+    with pytest.raises(ImportError, match="supports vLLM 0.26.0 only"):
+        compat.check_vllm_version()
+
+
+def _engine_config(argv):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(argv)
+    return EngineArgs.from_cli_args(args).create_engine_config()
+
+
+def test_cli_parser_accepts_sinks_literally(model_dir):
+    from vllm_sinks.compat import BACKEND_PATH
+
+    path = model_dir()
+    cfg = _engine_config(
+        [
+            "--model",
+            path,
+            "--attention-backend",
+            "SINKS",
+            "--block-size",
+            "16",
+            "--additional-config",
+            json.dumps({"sinks": {"sink_tokens": 2, "window_tokens": 50}}),
+        ]
+    )
+    assert cfg.attention_config.backend.get_path() == BACKEND_PATH
+    assert cfg.additional_config["sinks"] == {"sink_tokens": 2, "window_tokens": 50}
+    # Streams may run past the model's trained context (2048): the default limit is lifted.
+    assert cfg.model_config.max_model_len > 2048
+
+
+def test_max_model_len_beyond_trained_context_is_accepted(model_dir):
+    cfg = _engine_config(
+        ["--model", model_dir(), "--attention-backend", "SINKS", "--max-model-len", "1000000"]
+    )
+    assert cfg.model_config.max_model_len == 1_000_000
+
+
+def test_bad_sinks_config_fails_at_startup(model_dir):
+    from vllm_sinks.config import SinksConfigError
+
+    with pytest.raises(SinksConfigError, match="unknown key"):
+        _engine_config(
+            [
+                "--model",
+                model_dir(),
+                "--attention-backend",
+                "SINKS",
+                "--additional-config",
+                '{"sinks": {"window": 8}}',
+            ]
+        )
+    with pytest.raises(SinksConfigError, match="larger than one KV block"):
+        _engine_config(
+            [
+                "--model",
+                model_dir(),
+                "--attention-backend",
+                "SINKS",
+                "--block-size",
+                "16",
+                "--additional-config",
+                '{"sinks": {"window_tokens": 16}}',
+            ]
+        )
+    with pytest.raises(SinksConfigError, match="trained context"):
+        _engine_config(
+            [
+                "--model",
+                model_dir(),
+                "--attention-backend",
+                "SINKS",
+                "--additional-config",
+                '{"sinks": {"window_tokens": 4000}}',
+            ]
+        )
+
+
+def test_sliding_window_model_is_refused(model_dir, tmp_path):
+    path = model_dir()
+    sw = tmp_path / "sw"
+    sw.mkdir()
+    for name in os.listdir(path):
+        (sw / name).write_bytes((open(os.path.join(path, name), "rb")).read())
+    cfg = json.loads((sw / "config.json").read_text())
+    cfg.update(sliding_window=64, layer_types=["sliding_attention"] * cfg["num_hidden_layers"])
+    (sw / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding-window"):
+        _engine_config(["--model", str(sw), "--attention-backend", "SINKS"])
+
+
+def test_cpu_selection_validates_instead_of_falling_back():
+    """vLLM's CPU platform ignores a requested backend; under SINKS it must validate or fail."""
+    import torch
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from vllm_sinks.compat import BACKEND_PATH
+
+    ok = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=16)
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["SINKS"], ok) == BACKEND_PATH
+    for bad, reason in [
+        (ok._replace(head_size=40), "head_size"),
+        (ok._replace(use_mla=True), "MLA"),
+        (ok._replace(kv_cache_dtype="fp8"), "kv_cache_dtype"),
+        (ok._replace(has_sliding_window=True), "sliding window"),
+        (ok._replace(attn_type="encoder_decoder"), "attention type"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["SINKS"], bad)
+    # Without SINKS the CPU platform behaves as before.
+    assert "cpu_attn" in CpuPlatform.get_attn_backend_cls(None, ok)

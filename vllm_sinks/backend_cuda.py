@@ -1,0 +1,103 @@
+"""SINKS metadata on CUDA: vLLM's FlashAttention metadata for the window part, plus what the sink part and
+the rotary re-encoding need. Everything the kernels read lives in persistent buffers, so decode steps can be
+captured in full CUDA graphs (FA3 supports them for any batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata, FlashAttentionMetadataBuilder
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from vllm_sinks.config import sinks_config_from_vllm
+from vllm_sinks.rope import TWO_PI, RotaryParams
+
+
+@dataclass
+class SinksCudaMetadata:
+    """Invariant: rows [0, num_actual_tokens) of every per-token tensor describe this step's tokens."""
+
+    fa: FlashAttentionMetadata
+    num_actual_tokens: int
+    positions: torch.Tensor  # [n] int64, true stream index
+    req_indices: torch.Tensor  # [n] int32
+    cos_win: torch.Tensor  # [n, rotary_dim // 2] float32, at positions
+    sin_win: torch.Tensor
+    cos_sink: torch.Tensor  # at min(positions, S + W)
+    sin_sink: torch.Tensor
+
+
+class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
+    """FlashAttention's builder with the window fixed to (W, 0) for its ahead-of-time scheduler."""
+
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.sinks = sinks_config_from_vllm(vllm_config)
+        self.aot_sliding_window = (self.sinks.window_tokens, 0)
+        self.rope: RotaryParams | None = None
+        forward_context = vllm_config.compilation_config.static_forward_context
+        for name in layer_names:
+            rope = getattr(getattr(forward_context.get(name), "impl", None), "rope", None)
+            if rope is not None:
+                if self.rope is not None and rope is not self.rope and not _same_rope(rope, self.rope):
+                    raise ValueError("SINKS: layers of one KV-cache group use different rotary embeddings")
+                self.rope = rope
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        max_tokens = max(max_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+        half = (self.rope.rotary_dim // 2) if self.rope is not None else 1
+        self._omega = self.rope.omega.to(device) if self.rope is not None else None
+        self._mscale = self.rope.mscale.to(device, torch.float32) if self.rope is not None else None
+        self._cos_sin = torch.zeros(4, max_tokens, half, dtype=torch.float32, device=device)
+        self._req_indices = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> SinksCudaMetadata:
+        cm = common_attn_metadata
+        fa = super().build(common_prefix_len, cm, fast_build)
+        n = cm.num_actual_tokens
+        positions = cm.positions[:n]
+        if self.rope is None:
+            raise RuntimeError("SINKS: no rotary embedding bound to this KV-cache group")
+        self._fill_cos_sin(positions, n)
+        cos_sin = self._cos_sin[:, :n]
+        return SinksCudaMetadata(
+            fa=fa,
+            num_actual_tokens=n,
+            positions=positions,
+            req_indices=cm.token_to_req_indices(self._req_indices),
+            cos_win=cos_sin[0],
+            sin_win=cos_sin[1],
+            cos_sink=cos_sin[2],
+            sin_sink=cos_sin[3],
+        )
+
+    def _fill_cos_sin(self, positions: torch.Tensor, n: int) -> None:
+        """cos/sin at positions and at min(positions, S + W); angles in float64 modulo 2*pi."""
+        pos = positions.to(torch.float64)
+        both = torch.stack((pos, pos.clamp(max=float(self.sinks.cache_tokens))))  # [2, n]
+        angle = torch.remainder(both[..., None] * self._omega, TWO_PI)  # [2, n, half]
+        cos = angle.cos().to(torch.float32) * self._mscale
+        sin = angle.sin().to(torch.float32) * self._mscale
+        self._cos_sin[0, :n] = cos[0]
+        self._cos_sin[1, :n] = sin[0]
+        self._cos_sin[2, :n] = cos[1]
+        self._cos_sin[3, :n] = sin[1]
+
+
+def _same_rope(a: RotaryParams, b: RotaryParams) -> bool:
+    return (
+        a.rotary_dim == b.rotary_dim
+        and a.is_neox_style == b.is_neox_style
+        and torch.equal(a.omega, b.omega)
+        and torch.equal(a.mscale, b.mscale)
+    )

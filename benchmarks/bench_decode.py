@@ -97,7 +97,9 @@ def main(argv=None) -> dict:
     ]
 
     def run(max_tokens: int) -> float:
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        # detokenize=False: dummy weights emit ids the tiny tokenizer does not know; the front end must not
+        # spend the step detokenizing them.
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, detokenize=False)
         t = time.perf_counter()
         outs = llm.generate(prompts, sp)
         dt = time.perf_counter() - t

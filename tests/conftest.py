@@ -8,6 +8,8 @@ import sys
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Engine cores are spawned, never forked: a forked child cannot use CUDA once the test process touched it.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 sys.path.insert(0, os.path.dirname(__file__))
 
 

@@ -58,13 +58,34 @@ class SinkWindowManager(SlidingWindowManager):
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.num_sink_blocks = kv_cache_spec.num_sink_blocks
-        # Blocks returned to the pool by the window since start-up (for metrics and tests).
+        # Introspection, kept incrementally (O(1) per step): real blocks each request holds now, the most
+        # any request has held since start-up, and blocks the window has returned to the pool.
+        self.held_blocks: dict[str, int] = {}
+        self.max_held_blocks = 0
         self.num_window_freed_blocks = 0
+        self.num_sink_block_hits = 0
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def num_held_blocks(self, request_id: str) -> int:
-        """Real (non-null) blocks that `request_id` holds now."""
+        """Real (non-null) blocks that `request_id` holds now (recounted; for tests)."""
         return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
+
+    def _count(self, request_id: str, delta: int) -> None:
+        held = self.held_blocks.get(request_id, 0) + delta
+        self.held_blocks[request_id] = held
+        if held > self.max_held_blocks:
+            self.max_held_blocks = held
+
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, num_tokens_main_model: int
+    ) -> list[KVCacheBlock]:
+        new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        self._count(request_id, len(new_blocks))
+        return new_blocks
+
+    def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
+        self.held_blocks.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     def _num_freeable_blocks(self, num_computed_tokens: int) -> int:
         """Blocks [0, n) lie wholly before the window of the next token; of those, [sinks, n) are freeable."""
@@ -120,6 +141,8 @@ class SinkWindowManager(SlidingWindowManager):
         req_blocks.extend([self._null_block] * num_nulls)
         req_blocks.extend(kept_tail)
         self.num_cached_block[request_id] = len(req_blocks)
+        self.num_sink_block_hits += len(kept_head)
+        self._count(request_id, len(kept_head) + len(kept_tail))
 
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
@@ -132,9 +155,14 @@ class SinkWindowManager(SlidingWindowManager):
         first = self.num_sink_blocks
         if last <= first or blocks[last - 1].is_null:
             return
-        before = self.block_pool.get_num_free_blocks()
+        freed = 0
+        for i in range(last - 1, first - 1, -1):
+            if blocks[i].is_null:
+                break
+            freed += 1
         self._remove_blocks_in_range(request_id, first, last)
-        self.num_window_freed_blocks += self.block_pool.get_num_free_blocks() - before
+        self.num_window_freed_blocks += freed
+        self._count(request_id, -freed)
 
     # -- prefix caching ----------------------------------------------------------------------------------
     @classmethod

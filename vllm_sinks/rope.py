@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 TWO_PI = 2.0 * math.pi
+_CHECKED_ROWS = 4096
 
 
 class UnsupportedRotaryError(ValueError):
@@ -76,8 +77,11 @@ class RotaryParams:
             omega=omega,
             mscale=mscale,
         )
-        rebuilt = params.cos_sin(torch.arange(table.shape[0], dtype=torch.int64), torch.float64)
-        err = (torch.cat(rebuilt, dim=-1) - table).abs().max().item()
+        # The table holds float32(p * omega): its own angle error grows like p * 2**-24, so compare where
+        # that is far below the tolerance.
+        rows = min(table.shape[0], _CHECKED_ROWS)
+        rebuilt = params.cos_sin(torch.arange(rows, dtype=torch.int64), torch.float64)
+        err = (torch.cat(rebuilt, dim=-1) - table[:rows]).abs().max().item()
         if not err < 1e-3:
             raise UnsupportedRotaryError(
                 f"rotary module {name} is not a fixed per-frequency rotation (table error {err:.2e}); "

@@ -1,0 +1,70 @@
+"""Starts `vllm serve` (the real CLI) on 127.0.0.1 for tests, and stops it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass
+class Server:
+    base_url: str
+    model: str
+    proc: subprocess.Popen
+    log_path: str
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_server(model: str, args: list[str], log_path: str, timeout_s: float = 400) -> Iterator[Server]:
+    port = _free_port()
+    vllm_cmd = shutil.which("vllm", path=os.path.dirname(sys.executable)) or "vllm"
+    cmd = [vllm_cmd, "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        server = Server(f"http://127.0.0.1:{port}", model, proc, log_path)
+        try:
+            deadline = time.time() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{server.log()[-4000:]}")
+                try:
+                    with urllib.request.urlopen(server.base_url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.time() > deadline:
+                    raise TimeoutError(f"vllm serve did not become healthy:\n{server.log()[-4000:]}")
+                time.sleep(1)
+            yield server
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

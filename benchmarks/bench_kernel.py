@@ -28,115 +28,112 @@ def main(argv=None):
     p.add_argument("--contexts", default="8192,32768,262144")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    from triton.testing import do_bench
-    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
-    from vllm_sinks import ops_cuda
-
-    dev = "cuda"
-    B, H, HK, D, W, S = 16, a.heads, a.kv_heads, a.head_dim, a.window, a.sinks
-    dt = torch.bfloat16
-    fa_version = get_flash_attn_version(head_size=D)
-    # Copy bandwidth ceiling.
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    copy_ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
-    copy_gbs = 2 * x.numel() / copy_ms / 1e6
-    del x, y
-    results = []
+    fa_version = get_flash_attn_version(head_size=a.head_dim)
+    copy_gbs = _copy_bandwidth()
+    rows = []
     for ctx in [int(c) for c in a.contexts.split(",")]:
-        n = a.batch
-        blocks_per_req = math.ceil(S / B) + math.ceil((W + 1) / B) + 1  # what a stream holds
-        num_blocks = n * blocks_per_req + 1
-        kv = torch.randn(2, num_blocks, B, HK, D, dtype=dt, device=dev)
-        kc, vc = kv.unbind(0)
-        max_blocks = math.ceil(ctx / B)
-        # Block table: sink block, nulls, then the window's blocks (as SINKS' block policy leaves them).
-        bt = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
-        perm = torch.randperm(num_blocks - 1, device=dev).to(torch.int32) + 1
-        first_win = (ctx - 1 - W) // B
-        for r in range(n):
-            ids = perm[r * blocks_per_req : (r + 1) * blocks_per_req]
-            bt[r, 0] = ids[0]
-            bt[r, first_win:max_blocks] = ids[1 : 1 + max_blocks - first_win]
-        seq = torch.full((n,), ctx, dtype=torch.int32, device=dev)
-        cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        q = torch.randn(n, H, D, dtype=dt, device=dev)
-        k = torch.randn(n, HK, D, dtype=dt, device=dev)
-        v = torch.randn(n, HK, D, dtype=dt, device=dev)
-        out = torch.empty(n, H, D, dtype=dt, device=dev)
-        qs = torch.empty_like(q)
-        pos = torch.full((n,), ctx - 1, dtype=torch.int64, device=dev)
-        req = torch.arange(n, dtype=torch.int32, device=dev)
-        slots = (bt[:, (ctx - 1) // B].long() * B + (ctx - 1) % B).contiguous()
-        cos = torch.rand(n, D // 2, device=dev)
-        sin = torch.rand(n, D // 2, device=dev)
-
-        def fa(lse: bool):
-            return flash_attn_varlen_func(
-                q=q,
-                k=kc,
-                v=vc,
-                out=out,
-                cu_seqlens_q=cu,
-                max_seqlen_q=1,
-                seqused_k=seq,
-                max_seqlen_k=ctx,
-                softmax_scale=D**-0.5,
-                causal=True,
-                window_size=[W, 0],
-                block_table=bt,
-                return_softmax_lse=lse,
-                fa_version=fa_version,
-            )
-
-        def sinks_step():
-            ops_cuda.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
-            _, lse = fa(True)
-            ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
-
-        def timed(fn):
-            fn()
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            return do_bench(g.replay, warmup=50, rep=300, return_mode="median")
-
-        window_bytes = n * (W + 1) * HK * D * 2 * 2
-        row = {
-            "context": ctx,
-            "batch": n,
-            "window": W,
-            "sinks": S,
-            "fa_window_ms": timed(lambda: fa(False)),
-            "fa_window_lse_ms": timed(lambda: fa(True)),
-            "sinks_ms": timed(sinks_step),
-            "window_kv_bytes": window_bytes,
-        }
-        for key in ("fa_window_ms", "fa_window_lse_ms", "sinks_ms"):
-            row[key.replace("_ms", "_gbs")] = round(window_bytes / row[key] / 1e6, 1)
-            row[key] = round(row[key], 4)
-        row["sinks_over_fa"] = round(row["sinks_ms"] / row["fa_window_ms"], 3)
-        row["sinks_fraction_of_copy_bw"] = round(row["sinks_gbs"] / copy_gbs, 3)
-        results.append(row)
+        row = _bench_context(ctx, a, fa_version, copy_gbs)
+        rows.append(row)
         print(json.dumps(row))
     res = {
         "benchmark": "decode_attention_one_layer",
         "device": torch.cuda.get_device_name(),
         "copy_gbs": round(copy_gbs, 1),
         "fa_version": fa_version,
-        "heads": H,
-        "kv_heads": HK,
-        "head_dim": D,
+        "heads": a.heads,
+        "kv_heads": a.kv_heads,
+        "head_dim": a.head_dim,
         "date": datetime.date.today().isoformat(),
-        "rows": results,
+        "rows": rows,
         "command": "python benchmarks/bench_kernel.py " + " ".join(argv or []),
     }
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written, GB/s."""
+    from triton.testing import do_bench
+
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
+    return 2 * x.numel() / ms / 1e6
+
+
+def _timed(fn) -> float:
+    """Median ms of one replay of a CUDA graph holding fn()."""
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=50, rep=300, return_mode="median")
+
+
+def _bench_context(ctx: int, a, fa_version: int, copy_gbs: float) -> dict:
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+    from vllm_sinks import ops_cuda
+
+    dev, dt = "cuda", torch.bfloat16
+    B, H, HK, D, W, S, n = 16, a.heads, a.kv_heads, a.head_dim, a.window, a.sinks, a.batch
+    blocks_per_req = math.ceil(S / B) + math.ceil((W + 1) / B) + 1  # what a stream holds
+    num_blocks = n * blocks_per_req + 1
+    kv = torch.randn(2, num_blocks, B, HK, D, dtype=dt, device=dev)
+    kc, vc = kv.unbind(0)
+    max_blocks = math.ceil(ctx / B)
+    # Block table as SINKS' block policy leaves it: sink block, null blocks, then the window's blocks.
+    bt = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
+    perm = torch.randperm(num_blocks - 1, device=dev).to(torch.int32) + 1
+    first_win = (ctx - 1 - W) // B
+    for r in range(n):
+        ids = perm[r * blocks_per_req : (r + 1) * blocks_per_req]
+        bt[r, 0] = ids[0]
+        bt[r, first_win:max_blocks] = ids[1 : 1 + max_blocks - first_win]
+    seq = torch.full((n,), ctx, dtype=torch.int32, device=dev)
+    cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+    q = torch.randn(n, H, D, dtype=dt, device=dev)
+    k = torch.randn(n, HK, D, dtype=dt, device=dev)
+    v = torch.randn(n, HK, D, dtype=dt, device=dev)
+    out = torch.empty(n, H, D, dtype=dt, device=dev)
+    qs = torch.empty_like(q)
+    pos = torch.full((n,), ctx - 1, dtype=torch.int64, device=dev)
+    req = torch.arange(n, dtype=torch.int32, device=dev)
+    slots = (bt[:, (ctx - 1) // B].long() * B + (ctx - 1) % B).contiguous()
+    cos = torch.rand(n, D // 2, device=dev)
+    sin = torch.rand(n, D // 2, device=dev)
+
+    def fa(lse: bool):
+        return flash_attn_varlen_func(
+            q=q, k=kc, v=vc, out=out, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=seq, max_seqlen_k=ctx,
+            softmax_scale=D**-0.5, causal=True, window_size=[W, 0], block_table=bt,
+            return_softmax_lse=lse, fa_version=fa_version,
+        )  # fmt: skip
+
+    def sinks_step():
+        ops_cuda.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
+        _, lse = fa(True)
+        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
+
+    window_bytes = n * (W + 1) * HK * D * 2 * 2
+    row = {
+        "context": ctx, "batch": n, "window": W, "sinks": S, "window_kv_bytes": window_bytes,
+        "fa_window_ms": _timed(lambda: fa(False)), "fa_window_lse_ms": _timed(lambda: fa(True)),
+        "sinks_ms": _timed(sinks_step),
+    }  # fmt: skip
+    for key in ("fa_window_ms", "fa_window_lse_ms", "sinks_ms"):
+        row[key.replace("_ms", "_gbs")] = round(window_bytes / row[key] / 1e6, 1)
+        row[key] = round(row[key], 4)
+    row["sinks_over_fa"] = round(row["sinks_ms"] / row["fa_window_ms"], 3)
+    row["sinks_fraction_of_copy_bw"] = round(row["sinks_gbs"] / copy_gbs, 3)
+    return row
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def test_200k_token_stream_holds_bounded_blocks(engine):
     total = len(prompt) + len(out.outputs[0].token_ids)
     print(
         f"stream of {total} tokens: max blocks held {manager.max_held_blocks} (bound {bound}, "
-        f"a dense cache would need {-(-total // B)}); blocks freed by the window {manager.num_window_freed_blocks}"
+        f"a dense cache would need {-(-total // B)}); "
+        f"blocks freed by the window {manager.num_window_freed_blocks}"
     )
     assert total >= 200_000
     assert len(out.outputs[0].token_ids) == 3_000

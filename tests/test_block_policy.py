@@ -62,7 +62,8 @@ def test_200k_token_stream_holds_bounded_blocks(engine):
     pool = manager.block_pool
     free_before = pool.get_num_free_blocks()
     manager.max_held_blocks = 0
-    bound = SinksConfig(S, W).max_blocks_per_request(B, CHUNK)
+    in_flight = llm.llm_engine.vllm_config.max_in_flight_tokens  # CHUNK per concurrent batch
+    bound = SinksConfig(S, W).max_blocks_per_request(B, in_flight)
     rng = random.Random(0)
     prompt = [rng.randrange(3, 380) for _ in range(197_000)]
     out = llm.generate(
@@ -71,7 +72,8 @@ def test_200k_token_stream_holds_bounded_blocks(engine):
     )[0]
     total = len(prompt) + len(out.outputs[0].token_ids)
     print(
-        f"stream of {total} tokens: max blocks held {manager.max_held_blocks} (bound {bound}, "
+        f"stream of {total} tokens: max blocks held {manager.max_held_blocks} (bound {bound} for {in_flight} "
+        f"in-flight tokens, "
         f"a dense cache would need {-(-total // B)}); "
         f"blocks freed by the window {manager.num_window_freed_blocks}"
     )

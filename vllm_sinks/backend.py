@@ -129,7 +129,7 @@ class SinksMetadataBuilder(AttentionMetadataBuilder[SinksMetadata]):
         cm = common_attn_metadata
         n = cm.num_actual_tokens
         qsl_cpu = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
-        seq_lens_cpu = cm.seq_lens_cpu[: cm.num_reqs].tolist()
+        seq_lens_cpu = cm.seq_lens[: cm.num_reqs].cpu().tolist()  # on the CPU path: no device sync
         if cm.positions is not None:
             positions = cm.positions[:n].to(torch.int64)
         else:

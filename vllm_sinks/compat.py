@@ -269,11 +269,13 @@ def configure_sinks_engine(config: Any, sinks: SinksConfig, requested_max_model_
         requested_max_model_len if requested_max_model_len not in (None, -1) else DEFAULT_SINKS_MAX_MODEL_LEN
     )
     model_config.max_model_len = int(stream_len)
-    chunk = config.scheduler_config.max_num_batched_tokens
+    # Tokens scheduled but not yet settled: one max_num_batched_tokens chunk per concurrent batch (two
+    # with async scheduling). Blocks are freed on the settled-token basis, so these stay held too.
+    chunk = config.max_in_flight_tokens
     bound = sinks.max_blocks_per_request(block_size, chunk)
     logger.info(
         "SINKS attention backend: %s, block_size=%d, trained context=%s, stream limit (max_model_len)=%d; "
-        "KV blocks per stream <= %d (ceil(S/B) + ceil((W + %d)/B) + 1)",
+        "KV blocks per stream <= %d (ceil(S/B) + ceil((W + %d in-flight tokens)/B) + 1)",
         sinks.describe(),
         block_size,
         trained,

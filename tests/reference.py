@@ -1,6 +1,7 @@
 """Independent StreamingLLM reference: plain PyTorch, shares no code with vllm_sinks.
 
-Runs a Hugging Face Llama checkpoint (config.json + safetensors) token by token with the cache policy of
+Runs a Hugging Face Llama (NeoX-style rotary) or GPT-J (GPT-J-style, interleaved rotary) checkpoint
+(config.json + safetensors) token by token with the cache policy of
 StreamingLLM / `attention_sinks`:
   * the cache holds keys *before* rotation and values;
   * each step appends the new token, rotates every cached key at its *cache index* and the query at the
@@ -42,23 +43,32 @@ def _inv_freq(config: dict, rotary_dim: int) -> torch.Tensor:
 
 
 class StreamingLlama:
-    """Token-by-token StreamingLLM over a Llama checkpoint. `window_tokens=None` means a full cache."""
+    """Token-by-token StreamingLLM over a Llama or GPT-J checkpoint. `window_tokens=None`: full cache."""
 
     def __init__(self, model_dir: str, sink_tokens: int, window_tokens: int | None):
         with open(os.path.join(model_dir, "config.json")) as f:
             self.config = c = json.load(f)
         weights = load_file(os.path.join(model_dir, "model.safetensors"))
         self.w = {k: v.to(torch.float64) for k, v in weights.items()}
-        self.n_layers = c["num_hidden_layers"]
-        self.n_heads = c["num_attention_heads"]
-        self.n_kv = c.get("num_key_value_heads", self.n_heads)
-        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.n_heads
-        partial = (c.get("rope_parameters") or {}).get(
-            "partial_rotary_factor", c.get("partial_rotary_factor", 1.0)
-        )
-        self.rotary_dim = int(self.head_dim * partial)
-        self.inv_freq = _inv_freq(c, self.rotary_dim)
-        self.eps = c.get("rms_norm_eps", 1e-6)
+        self.gptj = c.get("model_type") == "gptj"
+        if self.gptj:
+            self.n_layers, self.n_heads = c["n_layer"], c["n_head"]
+            self.n_kv = self.n_heads
+            self.head_dim = c["n_embd"] // self.n_heads
+            self.rotary_dim = c["rotary_dim"] or self.head_dim
+            exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim
+            self.inv_freq = 1.0 / (10000.0**exponent)
+            self.eps = c.get("layer_norm_epsilon", 1e-5)
+        else:
+            self.n_layers = c["num_hidden_layers"]
+            self.n_heads = c["num_attention_heads"]
+            self.n_kv = c.get("num_key_value_heads", self.n_heads)
+            self.head_dim = c.get("head_dim") or c["hidden_size"] // self.n_heads
+            rope = c.get("rope_parameters") or {}
+            partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+            self.rotary_dim = int(self.head_dim * partial)
+            self.inv_freq = _inv_freq(c, self.rotary_dim)
+            self.eps = c.get("rms_norm_eps", 1e-6)
         self.S = sink_tokens
         self.W = window_tokens
         self.reset()
@@ -75,15 +85,62 @@ class StreamingLlama:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """NeoX-style rotation of the first rotary_dim dims of x ([n, heads, d]) at positions ([n])."""
+        """Rotation of the first rotary_dim dims of x ([n, heads, d]) at positions ([n]): NeoX style
+        (halves) for Llama, GPT-J style (interleaved pairs) for GPT-J."""
         ang = positions.to(torch.float64)[:, None] * self.inv_freq[None, :]
         cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.gptj:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+            return torch.cat((out, rest), dim=-1)
         x1, x2 = rot.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Appends (k, v) to layer i's cache, attends over it at cache-index positions, trims the cache."""
+        keys = torch.cat((self.k_cache[i], k[None]), dim=0)
+        values = torch.cat((self.v_cache[i], v[None]), dim=0)
+        m = keys.shape[0]
+        idx = torch.arange(m)
+        k_rot = self._rotate(keys, idx)
+        q_rot = self._rotate(q[None], idx[-1:])[0]
+        group = self.n_heads // self.n_kv
+        k_rot = k_rot.repeat_interleave(group, dim=1)
+        vals = values.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,mhd->hm", q_rot, k_rot) / math.sqrt(self.head_dim)
+        attn = torch.einsum("hm,mhd->hd", torch.softmax(scores, dim=-1), vals).reshape(-1)
+        if self.W is not None and m > self.S + self.W:
+            keys = torch.cat((keys[: self.S], keys[m - self.W :]), dim=0)
+            values = torch.cat((values[: self.S], values[m - self.W :]), dim=0)
+        self.k_cache[i], self.v_cache[i] = keys, values
+        return attn
+
+    def _step_gptj(self, token: int) -> torch.Tensor:
+        w = self.w
+        h = w["transformer.wte.weight"][token]
+        for i in range(self.n_layers):
+            p = f"transformer.h.{i}."
+            x = torch.nn.functional.layer_norm(h, h.shape, w[p + "ln_1.weight"], w[p + "ln_1.bias"], self.eps)
+            q = (w[p + "attn.q_proj.weight"] @ x).view(self.n_heads, self.head_dim)
+            k = (w[p + "attn.k_proj.weight"] @ x).view(self.n_kv, self.head_dim)
+            v = (w[p + "attn.v_proj.weight"] @ x).view(self.n_kv, self.head_dim)
+            attn = w[p + "attn.out_proj.weight"] @ self._attend(i, q, k, v)
+            mlp = w[p + "mlp.fc_in.weight"] @ x + w[p + "mlp.fc_in.bias"]
+            mlp = (
+                w[p + "mlp.fc_out.weight"] @ torch.nn.functional.gelu(mlp, approximate="tanh")
+                + w[p + "mlp.fc_out.bias"]
+            )
+            h = h + attn + mlp
+        h = torch.nn.functional.layer_norm(
+            h, h.shape, w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], self.eps
+        )
+        return w["lm_head.weight"] @ h + w["lm_head.bias"]
+
     def step(self, token: int) -> torch.Tensor:
         """Feeds one token; returns its next-token logits (float64, [vocab])."""
+        if self.gptj:
+            return self._step_gptj(token)
         w = self.w
         h = w["model.embed_tokens.weight"][token]
         for i in range(self.n_layers):
@@ -92,26 +149,12 @@ class StreamingLlama:
             q = (w[p + "self_attn.q_proj.weight"] @ x).view(self.n_heads, self.head_dim)
             k = (w[p + "self_attn.k_proj.weight"] @ x).view(self.n_kv, self.head_dim)
             v = (w[p + "self_attn.v_proj.weight"] @ x).view(self.n_kv, self.head_dim)
-            keys = torch.cat((self.k_cache[i], k[None]), dim=0)
-            values = torch.cat((self.v_cache[i], v[None]), dim=0)
-            m = keys.shape[0]
-            idx = torch.arange(m)
-            k_rot = self._rotate(keys, idx)
-            q_rot = self._rotate(q[None], idx[-1:])[0]
-            group = self.n_heads // self.n_kv
-            k_rot = k_rot.repeat_interleave(group, dim=1)
-            vals = values.repeat_interleave(group, dim=1)
-            scores = torch.einsum("hd,mhd->hm", q_rot, k_rot) / math.sqrt(self.head_dim)
-            attn = torch.einsum("hm,mhd->hd", torch.softmax(scores, dim=-1), vals).reshape(-1)
+            attn = self._attend(i, q, k, v)
             h = h + w[p + "self_attn.o_proj.weight"] @ attn
             x = self._norm(h, w[p + "post_attention_layernorm.weight"])
             gate = w[p + "mlp.gate_proj.weight"] @ x
             up = w[p + "mlp.up_proj.weight"] @ x
             h = h + w[p + "mlp.down_proj.weight"] @ (torch.nn.functional.silu(gate) * up)
-            if self.W is not None and m > self.S + self.W:
-                keys = torch.cat((keys[: self.S], keys[m - self.W :]), dim=0)
-                values = torch.cat((values[: self.S], values[m - self.W :]), dim=0)
-            self.k_cache[i], self.v_cache[i] = keys, values
         h = self._norm(h, w["model.norm.weight"])
         head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
         return head @ h

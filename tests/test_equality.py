@@ -37,18 +37,24 @@ CONFIGS = [
     (1, 31, "hd64-partial-rotary", [300, 90]),
     (0, 64, "hd64-gqa", [400, 200]),
     (16, 48, "hd128-mqa-llama3", [400, 129]),
+    (4, 60, "gptj", [350, 64]),  # GPT-J-style (interleaved) partial rotary: rotary_dim 32 of head_dim 64
 ]
 GEN = 48
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"S{c[0]}-W{c[1]}-{c[2]}")
-def run(request, model_dir):
+def run(request, model_dir, tmp_path_factory):
     """Serves the configuration's prompts once; returns (path, S, W, prompts, outputs)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     S, W, model, lengths = request.param
-    path = model_dir(model, **MODELS[model])
+    if model == "gptj":
+        from vllm_sinks.tiny_model import build_tiny_gptj
+
+        path = build_tiny_gptj(str(tmp_path_factory.mktemp("gptj")))
+    else:
+        path = model_dir(model, **MODELS[model])
     llm = LLM(
         model=path,
         attention_backend="SINKS",

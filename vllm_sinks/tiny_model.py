@@ -115,6 +115,42 @@ def build_tiny_llama(out_dir: str, spec: TinyLlamaSpec | None = None) -> str:
     return out_dir
 
 
+def build_tiny_gptj(out_dir: str, rotary_dim: int = 32, seed: int = 0) -> str:
+    """A tiny GPT-J (interleaved, GPT-J-style partial rotary; parallel attention and MLP), float32."""
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    spec = {"arch": "gptj", "rotary_dim": rotary_dim, "seed": seed}
+    stamp = os.path.join(out_dir, "tiny_spec.json")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f) == spec:
+                return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = _tokenizer(384)
+    config = GPTJConfig(
+        vocab_size=len(tokenizer),
+        n_positions=2048,
+        n_embd=256,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=rotary_dim,
+        n_inner=512,
+        activation_function="gelu_new",
+        initializer_range=0.08,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    GPTJForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    with open(stamp, "w") as f:
+        json.dump(spec, f)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")

@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 stamp="$VENV/.vllm_sinks_setup_done"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(sha256sum scripts/setup.sh | cut -c1-64)" ]; then
-  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
   echo "setup: $VENV is up to date"
   exit 0
 fi

@@ -174,3 +174,18 @@ class StreamingLlama:
             last = int(torch.argmax(self.step(last)))
             out.append(last)
         return out
+
+    def greedy_mismatch(self, prompt: list[int], got: list[int]) -> int | None:
+        """Compares `got` with this reference's greedy continuation of `prompt`. Returns None if equal, else
+        the first differing index, after asserting that the reference had a genuine tie there (top-2 logits
+        within 1e-4): float32 and float64 may break an exact tie differently, nothing else may differ."""
+        want = self.greedy(prompt, len(got))
+        if got == want:
+            return None
+        i = next(j for j in range(len(got)) if got[j] != want[j])
+        self.reset()
+        for t in prompt + want[:i]:
+            logits = self.step(t)
+        top2 = torch.topk(logits, 2).values
+        assert (top2[0] - top2[1]).item() < 1e-4, f"token {i} of {len(got)} differs without a tie"
+        return i

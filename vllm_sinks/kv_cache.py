@@ -9,9 +9,7 @@ A stream's logical blocks are [sink blocks][freed middle: null blocks][window bl
   that same bound sizes the pool (`max_memory_usage_bytes`) and caps admission.
 
 Prefix caching: a prompt hits the cache when its sink blocks and the `ceil(W / B)` blocks before the hit
-point are cached; middle blocks need not be (they are nulls in the returned hit). Middle blocks freed by the
-window are queued for eviction before every other free block, so the blocks a continuing conversation will
-hit (its sinks and last window, freed when its request ends) survive the churn of long prompts.
+point are cached; middle blocks need not be (they are nulls in the returned hit).
 """
 
 from __future__ import annotations
@@ -157,29 +155,14 @@ class SinkWindowManager(SlidingWindowManager):
         first = self.num_sink_blocks
         if last <= first or blocks[last - 1].is_null:
             return
-        freed: list[KVCacheBlock] = []
+        freed = 0
         for i in range(last - 1, first - 1, -1):
             if blocks[i].is_null:
                 break
-            freed.append(blocks[i])
-            blocks[i] = self._null_block
-        self._free_evict_first(freed)
-        self.num_window_freed_blocks += len(freed)
-        self._count(request_id, -len(freed))
-
-    def _free_evict_first(self, blocks: list[KVCacheBlock]) -> None:
-        """Like BlockPool.free_blocks, but the blocks go to the *front* of the eviction order.
-
-        A middle block can only serve a later prefix hit that also finds the sinks and the W tokens before
-        it cached, i.e. a conversation that branches mid-way; the blocks a continuing conversation hits (its
-        sinks and last window) are freed when the request ends and must outlive them in the LRU order.
-        """
-        ready = []
-        for block in blocks:
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0 and not block.is_null:
-                ready.append(block)
-        self.block_pool.free_block_queue.prepend_n(ready)
+            freed += 1
+        self._remove_blocks_in_range(request_id, first, last)
+        self.num_window_freed_blocks += freed
+        self._count(request_id, -freed)
 
     # -- prefix caching ----------------------------------------------------------------------------------
     @classmethod

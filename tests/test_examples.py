@@ -1,0 +1,39 @@
+"""The examples run on CPU with a tiny local model (smoke runs; what they print is checked, not timed)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+
+def test_offline_streaming_grows_past_trained_context_with_flat_kv(monkeypatch, tmp_path):
+    import offline_streaming
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    rows = offline_streaming.main(["--rounds", "18", "--window-tokens", "60", "--max-tokens", "96"])
+    assert rows[-1]["past_trained_context"], rows[-1]  # the tiny model is trained to 2048 positions
+    held = [r["kv_blocks_held_max"] for r in rows[3:]]
+    # Flat: each round holds the sink block, the window and the round's new tokens, whatever the history.
+    assert max(held) - min(held) <= 2 and max(held) <= 1 + -(-(60 + 130) // 16) + 1, held
+
+
+def test_endless_chat_computes_only_new_tokens_per_turn(model_dir, tmp_path):
+    import endless_chat
+    from serving import vllm_server
+
+    path = model_dir()
+    args = [
+        "--attention-backend", "SINKS", "--enforce-eager", "--block-size", "16", "--dtype", "float32",
+        "--gpu-memory-utilization", "0.3", "--max-num-seqs", "4", "--enable-prompt-tokens-details",
+        "--additional-config", '{"sinks": {"sink_tokens": 4, "window_tokens": 60}}',
+    ]  # fmt: skip
+    with vllm_server(path, args, str(tmp_path / "server.log")) as srv:
+        rows = endless_chat.main(["--base-url", srv.base_url + "/v1", "--model", path, "--turns", "12"])
+    assert rows[-1]["prompt_tokens"] > 5 * 64
+    # From the second turn on, the server computes the new text only (plus at most a partial block or two
+    # where re-tokenized history differs from the generated tokens), however long the conversation.
+    computed = [r["computed_prompt_tokens"] for r in rows[2:]]
+    assert max(computed) < 0.5 * rows[-1]["prompt_tokens"], rows

@@ -37,3 +37,23 @@ def test_endless_chat_computes_only_new_tokens_per_turn(model_dir, tmp_path):
     # where re-tokenized history differs from the generated tokens), however long the conversation.
     computed = [r["computed_prompt_tokens"] for r in rows[2:]]
     assert max(computed) < 0.5 * rows[-1]["prompt_tokens"], rows
+
+
+def test_multi_tenant_with_disconnects_leaves_no_kv_in_use(model_dir, tmp_path):
+    import multi_tenant
+    from serving import vllm_server
+
+    path = model_dir()
+    args = [
+        "--attention-backend", "SINKS", "--enforce-eager", "--block-size", "16", "--dtype", "float32",
+        "--gpu-memory-utilization", "0.3", "--max-num-seqs", "8",
+        "--additional-config", '{"sinks": {"sink_tokens": 4, "window_tokens": 60}}',
+    ]  # fmt: skip
+    with vllm_server(path, args, str(tmp_path / "server.log")) as srv:
+        stats = multi_tenant.main(
+            ["--base-url", srv.base_url, "--model", path, "--tenants", "8", "--turns", "3", "--drop", "0.4"]
+        )
+        assert srv.proc.poll() is None
+    assert stats["dropped"] > 0 and stats["turns"] == 8 * 3
+    assert stats["kv_cache_usage_peak"] > 0.0  # the metric moves while tenants talk ...
+    assert stats["kv_cache_usage_after"] == 0.0  # ... and every block is back once they are gone

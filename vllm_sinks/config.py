@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "VLLM_SINKS_"
@@ -117,7 +117,3 @@ def parse_sinks_config(
 def sinks_config_from_vllm(vllm_config: Any) -> SinksConfig:
     """The SINKS config of a VllmConfig (its additional_config plus the environment)."""
     return parse_sinks_config(getattr(vllm_config, "additional_config", None) or {})
-
-
-def as_dict(config: SinksConfig) -> dict[str, int]:
-    return asdict(config)

@@ -66,10 +66,6 @@ class SinkWindowManager(SlidingWindowManager):
         self.num_sink_block_hits = 0
 
     # -- bookkeeping -------------------------------------------------------------------------------------
-    def num_held_blocks(self, request_id: str) -> int:
-        """Real (non-null) blocks that `request_id` holds now (recounted; for tests)."""
-        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
-
     def _count(self, request_id: str, delta: int) -> None:
         held = self.held_blocks.get(request_id, 0) + delta
         self.held_blocks[request_id] = held

@@ -1,6 +1,8 @@
 """Keep one conversation going turn after turn against `vllm serve MODEL --attention-backend SINKS`, printing
-per-turn latency and how many prompt tokens the server had to compute (the rest came from the prefix cache:
-the sink blocks and the window before the new text). Start the server with --enable-prompt-tokens-details.
+per-turn latency, how many prompt tokens the server had to compute (the rest came from the prefix cache: the
+sink blocks and the window before the new text) and the KV blocks the server holds for the conversation
+(read from /metrics, `vllm_sinks:request_held_blocks_max`, sampled during the reply): flat, however long it
+gets. Start the server with --enable-prompt-tokens-details.
 
     python examples/endless_chat.py --base-url http://127.0.0.1:8000/v1 --model MODEL --turns 50
 """
@@ -8,7 +10,9 @@ the sink blocks and the window before the new text). Start the server with --ena
 from __future__ import annotations
 
 import argparse
+import re
 import time
+import urllib.request
 
 import openai
 
@@ -20,6 +24,18 @@ QUESTIONS = [
     "Go on, and add a storm.",
     "How does it end?",
 ]
+
+
+def held_blocks(base_url: str) -> int | None:
+    """Most KV blocks any running request holds now (this conversation, when it is the only one)."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(root + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    m = re.search(r"^vllm_sinks:request_held_blocks_max\{[^}]*\} ([0-9.eE+-]+)$", text, re.M)
+    return int(float(m.group(1))) if m else None
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -38,6 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         first = None
         reply = []
         usage = None
+        blocks = None
         stream = client.chat.completions.create(
             model=a.model,
             messages=messages,
@@ -52,6 +69,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.perf_counter()
                 reply.append(chunk.choices[0].delta.content)
+                if len(reply) % 8 == 0:  # a few samples mid-reply; the most is this conversation's
+                    sample = held_blocks(a.base_url)
+                    if sample is not None and (blocks is None or sample > blocks):
+                        blocks = sample
         total = time.perf_counter() - t0
         messages.append({"role": "assistant", "content": "".join(reply)})
         prompt = usage.prompt_tokens if usage else 0
@@ -61,13 +82,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "turn": turn,
             "prompt_tokens": prompt,
             "computed_prompt_tokens": prompt - cached,
+            "server_kv_blocks": blocks,
             "ttft_s": round((first or time.perf_counter()) - t0, 3),
             "total_s": round(total, 3),
         }
         rows.append(row)
         print(
             f"turn {turn:3d}: conversation {prompt:6d} prompt tokens, computed {prompt - cached:4d} "
-            f"(cached {cached:6d}), time to first token {row['ttft_s']:.2f} s, turn {total:.2f} s",
+            f"(cached {cached:6d}), KV blocks held {blocks}, time to first token {row['ttft_s']:.2f} s, "
+            f"turn {total:.2f} s",
             flush=True,
         )
     return rows

@@ -37,6 +37,11 @@ def test_endless_chat_computes_only_new_tokens_per_turn(model_dir, tmp_path):
     # where re-tokenized history differs from the generated tokens), however long the conversation.
     computed = [r["computed_prompt_tokens"] for r in rows[2:]]
     assert max(computed) < 0.5 * rows[-1]["prompt_tokens"], rows
+    # The server's KV blocks for the conversation (from /metrics, mid-reply, decode only): one sink block and
+    # the blocks of the 60-token window, a handful, while the conversation grows past 80 blocks: flat.
+    blocks = [r["server_kv_blocks"] for r in rows]
+    assert all(b is not None and 0 < b <= 8 for b in blocks), blocks
+    assert rows[-1]["prompt_tokens"] // 16 > 80
 
 
 def test_multi_tenant_with_disconnects_leaves_no_kv_in_use(model_dir, tmp_path):

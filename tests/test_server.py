@@ -58,3 +58,32 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server):
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=5)
     ok = client.completions.create(model=path, prompt="hello there", max_tokens=20, temperature=0)
     assert ok.choices[0].text and proc.poll() is None
+
+
+def test_metrics_endpoint_exports_sinks_metrics(server):
+    """/metrics carries the SINKS block-policy metrics next to vLLM's own, and they move with traffic."""
+    import urllib.request
+
+    import openai
+
+    base, path, _, srv = server
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    # A prompt longer than S + W so that the window frees blocks while it is computed.
+    client.completions.create(model=path, prompt="word " * 300, max_tokens=40, temperature=0,
+                              extra_body={"ignore_eos": True})  # fmt: skip
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("vllm_sinks:"):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+            if name.startswith("vllm_sinks:config_info"):
+                assert 'sink_tokens="4"' in name and 'window_tokens="60"' in name
+    assert "vllm:kv_cache_usage_perc" in text  # vLLM's own metrics still there
+    assert values["vllm_sinks:config_info"] == 1
+    bound = values["vllm_sinks:request_blocks_bound"]
+    assert 0 < values["vllm_sinks:request_held_blocks_peak"] <= bound
+    assert values["vllm_sinks:window_freed_blocks_total"] > 0
+    assert values["vllm_sinks:max_concurrent_streams"] >= 1
+    assert values["vllm_sinks:held_blocks"] == 0 and values["vllm_sinks:streams"] == 0  # all finished
+    assert "up to" in srv.log() and "concurrent streams of any length" in srv.log()

@@ -308,6 +308,62 @@ def _reject_unsupported_models(model_config: Any) -> None:
         )
 
 
+# --- 6. metrics: SINKS stats from the engine core to /metrics ----------------------------------------------
+def _patch_scheduler_stats() -> None:
+    """vllm.v1.metrics.stats.SchedulerStats: add the field `sinks_stats: dict[str, float] | None`.
+    vLLM sends SchedulerStats from the engine core to the front end with msgspec, which carries declared
+    dataclass fields only; the field must exist in both processes (this runs in every process that loads the
+    plugin; a process without it just decodes None).
+    vllm.v1.core.sched.scheduler.Scheduler.make_stats: fill `sinks_stats` from the SinkWindowManagers
+    (vllm_sinks.metrics.collect_sinks_stats), for the stat-logger plugin SinksStatLogger.
+    vllm.v1.core.sched.scheduler.Scheduler.__init__: log the KV pool, the per-stream bound and the resulting
+    number of concurrent endless streams once, where the pool size is known."""
+    import dataclasses
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    if "sinks_stats" not in SchedulerStats.__dataclass_fields__:
+        f = dataclasses.field(default=None)
+        f.name, f.type = "sinks_stats", dict[str, float] | None
+        f._field_type = dataclasses._FIELD  # what @dataclass sets for a regular field
+        SchedulerStats.__dataclass_fields__["sinks_stats"] = f
+        SchedulerStats.__annotations__["sinks_stats"] = dict[str, float] | None
+        SchedulerStats.sinks_stats = None
+
+    original_make_stats = Scheduler.make_stats
+    original_init = Scheduler.__init__
+
+    @functools.wraps(original_make_stats)
+    def make_stats(self, *args, **kwargs):
+        stats = original_make_stats(self, *args, **kwargs)
+        if stats is not None and sinks_active(self.vllm_config):
+            from vllm_sinks.metrics import collect_sinks_stats
+
+            stats.sinks_stats = collect_sinks_stats(self)
+        return stats
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if sinks_active(self.vllm_config):
+            from vllm_sinks.metrics import collect_sinks_stats
+
+            stats = collect_sinks_stats(self)
+            if stats is not None:
+                logger.info(
+                    "SINKS KV pool: %d blocks of %d tokens; each endless stream holds <= %d blocks "
+                    "=> up to %d concurrent streams of any length",
+                    self.kv_cache_manager.block_pool.num_gpu_blocks,
+                    int(stats["block_size"]),
+                    int(stats["request_blocks_bound"]),
+                    int(stats["max_concurrent_streams"]),
+                )
+
+    Scheduler.make_stats = make_stats
+    Scheduler.__init__ = __init__
+
+
 def apply_patches() -> None:
     """Installs every patch once per process."""
     global _PATCHED
@@ -319,4 +375,5 @@ def apply_patches() -> None:
     _patch_attention_kv_cache_spec()
     _patch_model_loader()
     _patch_engine_config()
+    _patch_scheduler_stats()
     _PATCHED = True

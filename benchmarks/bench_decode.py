@@ -35,6 +35,9 @@ def parse(argv=None):
     p.add_argument("--sliding-window", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", default=None, help="e.g. ray (default: vLLM's choice)")
     p.add_argument("--model-root", default=os.environ.get("TMPDIR", "/tmp") + "/vllm_sinks_models")
     p.add_argument("--out", default=None, help="JSON result file")
     return p.parse_args(argv)
@@ -49,7 +52,16 @@ def engine_kwargs(a) -> tuple[str, dict]:
         max_num_seqs=a.streams,
         max_model_len=a.prompt_len + a.gen + 16,
         enforce_eager=a.enforce_eager,
+        tensor_parallel_size=a.tensor_parallel_size,
+        pipeline_parallel_size=a.pipeline_parallel_size,
     )
+    if a.distributed_executor_backend:
+        kw["distributed_executor_backend"] = a.distributed_executor_backend
+    if a.tensor_parallel_size > 1:
+        # FlashInfer's fused allreduce+RMSNorm (auto-selected "mnnvl" workspace) failed with
+        # CUBLAS_STATUS_EXECUTION_FAILED on the 2 x H200 host, where NVLink multicast is off: use NCCL.
+        kw["compilation_config"] = {"pass_config": {"fuse_allreduce_rms": False}}
+        os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
     try:
         import torch
 
@@ -116,6 +128,9 @@ def main(argv=None) -> dict:
         "mode": a.mode,
         "shape": a.shape,
         "streams": a.streams,
+        "tensor_parallel_size": a.tensor_parallel_size,
+        "pipeline_parallel_size": a.pipeline_parallel_size,
+        "distributed_executor_backend": a.distributed_executor_backend,
         "prompt_len": a.prompt_len,
         "gen": a.gen,
         "short_gen": a.short_gen,

@@ -118,8 +118,10 @@ def kjv_text(root: str | None = None) -> str:
     if os.path.exists(out):
         return out
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=tmp, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        quiet = dict(cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], **quiet).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], **quiet)  # a host whose package lists are empty
+            subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], check=True, **quiet)
         for deb in glob.glob(os.path.join(tmp, "*.deb")):
             subprocess.run(["dpkg-deb", "-x", deb, os.path.join(tmp, "x")], check=True)
         x = os.path.join(tmp, "x", "usr")

@@ -151,3 +151,19 @@ def test_cpu_selection_validates_instead_of_falling_back():
             CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["SINKS"], bad)
     # Without SINKS the CPU platform behaves as before.
     assert "cpu_attn" in CpuPlatform.get_attn_backend_cls(None, ok)
+
+
+def test_metrics_plugin_is_inert_without_sinks():
+    """Installed but not selected: the stat-logger plugin registers no vllm_sinks:* metric."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from vllm_sinks.metrics import SinksStatLogger
+
+    config = SimpleNamespace(attention_config=SimpleNamespace(backend=None),
+                             model_config=SimpleNamespace(served_model_name="m"))  # fmt: skip
+    logger = SinksStatLogger(config, [0])
+    logger.record(None, None)
+    names = [getattr(c, "_name", "") for c in REGISTRY._collector_to_names]
+    assert not any(n.startswith("vllm_sinks:") for n in names)

@@ -90,9 +90,15 @@ class SinksStatLogger(AggregateStatLoggerBase):
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
         from prometheus_client import Counter, Gauge
 
+        from vllm_sinks.compat import sinks_active
+
         self.engine_indexes = engine_indexes or [0]
-        self.model_name = str(vllm_config.model_config.served_model_name)
         _unregister_own_metrics()  # a second engine in the same process (tests) re-creates them
+        # Installed but not selected: export nothing (no empty vllm_sinks:* families on /metrics).
+        self.enabled = sinks_active(vllm_config)
+        if not self.enabled:
+            return
+        self.model_name = str(vllm_config.model_config.served_model_name)
         labels = ["model_name", "engine"]
         self.info = Gauge(PREFIX + "config_info", "SINKS configuration (value 1)",
                           labels + ["sink_tokens", "window_tokens", "block_size"])  # fmt: skip
@@ -103,7 +109,7 @@ class SinksStatLogger(AggregateStatLoggerBase):
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         stats = getattr(scheduler_stats, "sinks_stats", None) if scheduler_stats is not None else None
-        if not stats:
+        if not self.enabled or not stats:
             return
         lv = (self.model_name, str(engine_idx))
         if engine_idx not in self._info_set:

@@ -334,21 +334,20 @@ def _patch_scheduler_stats() -> None:
     original_make_stats = Scheduler.make_stats
     original_init = Scheduler.__init__
 
+    from vllm_sinks.metrics import collect_sinks_stats
+
     @functools.wraps(original_make_stats)
     def make_stats(self, *args, **kwargs):
         stats = original_make_stats(self, *args, **kwargs)
-        if stats is not None and sinks_active(self.vllm_config):
-            from vllm_sinks.metrics import collect_sinks_stats
-
+        if stats is not None and getattr(self, "_vllm_sinks_active", False):  # decided once, in __init__
             stats.sinks_stats = collect_sinks_stats(self)
         return stats
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        if sinks_active(self.vllm_config):
-            from vllm_sinks.metrics import collect_sinks_stats
-
+        self._vllm_sinks_active = sinks_active(self.vllm_config)
+        if self._vllm_sinks_active:
             stats = collect_sinks_stats(self)
             if stats is not None:
                 logger.info(

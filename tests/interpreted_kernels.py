@@ -1,0 +1,117 @@
+"""The Triton kernels of ops_cuda run by Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be set
+before Triton is imported, so tests/test_kernels_interpreted.py runs this in a fresh process).
+
+FlashAttention (the window part on the GPU) is CUDA-only; here the window output and its log-sum-exp come
+from PyTorch, in FlashAttention's layout ([n, H, D] and [H, n]), over the cache that rope_and_cache wrote.
+Prints one JSON line per case: relative error of the output and the largest cache error against the
+float32 PyTorch path (ops_torch), the same oracle as tests/test_gpu_kernels.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+
+def window_attention(q_win, kv, block_table, qsl, seq_lens, W, scale):
+    """Attention of each query over [t - W, t] of its request, and the natural-log LSE ([H, n])."""
+    from vllm_sinks.ops_torch import _gather
+
+    n, H, D = q_win.shape
+    group = H // kv.shape[3]
+    out = torch.empty(n, H, D)
+    lse = torch.empty(H, n)
+    for r, seq_len in enumerate(seq_lens):
+        start, end = qsl[r], qsl[r + 1]
+        first = seq_len - (end - start)
+        key_pos = torch.arange(max(0, first - W), seq_len)
+        k, v = _gather(kv, block_table[r], key_pos)
+        k = k.float().repeat_interleave(group, dim=1)
+        v = v.float().repeat_interleave(group, dim=1)
+        t = torch.arange(first, seq_len)
+        s = torch.einsum("nhd,mhd->hnm", q_win[start:end].float(), k) * scale
+        vis = (key_pos[None, :] <= t[:, None]) & (key_pos[None, :] >= t[:, None] - W)
+        s = s.masked_fill(~vis[None], float("-inf"))
+        lse[:, start:end] = torch.logsumexp(s, dim=-1)
+        out[start:end] = torch.einsum("hnm,mhd->nhd", torch.softmax(s, dim=-1), v)
+    return out, lse
+
+
+def run_case(S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed) -> dict:
+    from vllm_sinks import ops_cuda, ops_torch
+    from vllm_sinks.rope import RotaryParams, apply_rotary
+
+    g = torch.Generator().manual_seed(seed)
+    B = 16
+    half = rotary_dim // 2
+    omega = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    rope = RotaryParams(head_size=0, rotary_dim=rotary_dim, is_neox_style=neox, omega=omega,
+                        mscale=torch.ones(half, dtype=torch.float64))  # fmt: skip
+    num_reqs = 6
+    # Mixed batch: decodes and prefill chunks, contexts from inside the first window to far past S + W.
+    q_lens = [1 if i % 2 else int(torch.randint(2, 24, (1,), generator=g)) for i in range(num_reqs)]
+    seq_lens = [q + int(torch.randint(0, 3 * (S + W), (1,), generator=g)) for q in q_lens]
+    q_lens.append(S + 6)  # a chunk across the boundary: positions W - 2 .. W + S + 3
+    seq_lens.append(W + S + 4)
+    num_reqs += 1
+    max_blocks = max(math.ceil(s / B) for s in seq_lens)
+    num_blocks = num_reqs * max_blocks + 1
+    perm = torch.randperm(num_blocks - 1, generator=g) + 1
+    block_table = perm[: num_reqs * max_blocks].view(num_reqs, max_blocks).to(torch.int32)
+    kv = torch.randn(2, num_blocks, B, kv_heads, head_size, generator=g).to(dtype)
+    n = sum(q_lens)
+    q = torch.randn(n, heads, head_size, generator=g).to(dtype)
+    k = torch.randn(n, kv_heads, head_size, generator=g).to(dtype)
+    v = torch.randn(n, kv_heads, head_size, generator=g).to(dtype)
+    qsl = [0]
+    for ql in q_lens:
+        qsl.append(qsl[-1] + ql)
+    positions = torch.cat([torch.arange(s - ql, s) for s, ql in zip(seq_lens, q_lens, strict=True)])
+    req_idx = torch.cat([torch.full((ql,), r) for r, ql in enumerate(q_lens)]).to(torch.int32)
+    slots = block_table[req_idx.long(), positions // B].long() * B + positions % B
+    scale = head_size**-0.5
+    cw, sw = rope.cos_sin(positions, torch.float32)
+    cs, ss = rope.cos_sin(positions.clamp(max=S + W), torch.float32)
+
+    kv_ref = kv.float().clone()
+    ops_torch.write_kv(kv_ref, apply_rotary(k.float(), cw, sw, rotary_dim, neox), v.float(), slots)
+    out_ref = torch.empty(n, heads, head_size)
+    ops_torch.sink_window_attention(
+        apply_rotary(q.float(), cw, sw, rotary_dim, neox), apply_rotary(q.float(), cs, ss, rotary_dim, neox),
+        kv_ref, block_table, qsl, seq_lens, S, W, scale, out_ref,
+    )  # fmt: skip
+
+    q_k = q.clone()
+    q_sink = torch.empty_like(q_k)
+    kc, vc = kv.unbind(0)
+    ops_cuda.rope_and_cache(q_k, k, v, q_sink, kc, vc, slots, cw, sw, cs, ss, rotary_dim, neox)
+    out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, W, scale)
+    out = out_w.to(dtype)
+    ops_cuda.sink_attention_merge(q_sink, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale)
+    return {
+        "S": S, "W": W, "head_size": head_size, "heads": heads, "kv_heads": kv_heads, "dtype": str(dtype),
+        "tokens": n, "merged_tokens": int(((positions - W).clamp(min=0) > 0).sum()) if S else 0,
+        "cache_err": (kv.float() - kv_ref).abs().max().item(),
+        "rel_err": ((out.float() - out_ref).norm() / out_ref.norm()).item(),
+    }  # fmt: skip
+
+
+CASES = [
+    # S, W, head_size, heads, kv_heads, rotary_dim, neox
+    (4, 60, 128, 8, 2, 128, True),
+    (1, 31, 64, 4, 4, 64, True),
+    (16, 48, 128, 8, 1, 64, False),
+    (0, 40, 64, 4, 2, 64, True),
+]
+
+if __name__ == "__main__":
+    dtypes = [getattr(torch, d) for d in (sys.argv[1:] or ["float32", "float16"])]
+    for i, case in enumerate(CASES):
+        for dtype in dtypes:
+            print(json.dumps(run_case(*case, dtype, seed=1000 + i)), flush=True)

@@ -29,10 +29,24 @@ sys.path.insert(0, HERE)
 
 # A ~0.7B Llama with head dim 128 and 8 KV heads (TP up to 8 shards heads evenly).
 SHAPES = {
-    "llama-0.7b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, vocab_size=32000),  # fmt: skip
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=64, vocab_size=384),  # fmt: skip
+    "llama-0.7b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=32000,
+    ),  # fmt: skip
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=384,
+    ),  # fmt: skip
 }
 
 

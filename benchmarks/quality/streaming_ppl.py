@@ -115,8 +115,15 @@ def stream_logprobs(llm, tokens: list[int], label: str) -> list[float]:
     return lps
 
 
-def make_llm(model: str, config: dict, n_tokens: int, dtype: str, max_batched: int | None, gpu_util: float,
-             eager: bool = True):
+def make_llm(
+    model: str,
+    config: dict,
+    n_tokens: int,
+    dtype: str,
+    max_batched: int | None,
+    gpu_util: float,
+    eager: bool = True,
+):
     from vllm import LLM
 
     kw = dict(model=model, dtype=dtype, enable_prefix_caching=False, max_num_seqs=1, seed=0,

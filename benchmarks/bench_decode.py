@@ -35,6 +35,7 @@ def parse(argv=None):
     p.add_argument("--sliding-window", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--startup-only", action="store_true", help="build the engine, report startup_s, exit")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--distributed-executor-backend", default=None, help="e.g. ray (default: vLLM's choice)")
@@ -100,6 +101,13 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model=path, **kw)
     startup_s = time.perf_counter() - t0
+    if a.startup_only:
+        result = {"mode": a.mode, "startup_s": round(startup_s, 2), "device": _device()}
+        print(json.dumps(result))
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f)
+        return result
     import random
 
     rng = random.Random(0)

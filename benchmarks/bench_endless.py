@@ -1,12 +1,16 @@
 """Workload B, endless streams: N streams grown to several lengths; decode tok/s and KV blocks per stream
 at each length, in one engine.
 
-For each length L: prompts of L tokens are served once (max_tokens=1) to fill the prefix cache, then
-timed with g and G generated tokens (both hit the cache, so the difference is decode only):
-decode tok/s = N * (G - g) / (T_G - T_g). KV blocks per stream = the most real blocks any stream held
-(SinkWindowManager counter; SINKS only) and vLLM's KV-cache usage.
+For each length L, N requests of L prompt tokens and G generated tokens each are stepped through the engine
+(LLMEngine.step, in-process) with a timestamp per step. Decode tok/s is timed inside that one run, from the
+first step at which every stream has generated `--short-gen` tokens (all prefills done) to the last step:
+tokens generated in between / seconds. Nothing depends on the prefix cache. KV blocks per stream (SINKS):
+the most real blocks any stream held while decoding, and separately during prefill (a prefill chunk's
+blocks are held until the chunk is computed); vLLM's pool size gives how many such streams dense could hold,
+and the most streams the scheduler ran at once shows whether the others queued.
     python benchmarks/bench_endless.py --mode sinks --lengths 16384,65536,262144 --out ...
     python benchmarks/bench_endless.py --mode dense --lengths 16384,65536 --out ...
+CPU smoke (CI): --shape tiny --streams 2 --lengths 200,400 --gen 12 --short-gen 4 --window-tokens 40
 """
 
 from __future__ import annotations
@@ -40,18 +44,22 @@ def main(argv=None) -> dict:
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     from bench_decode import _device
     from model_shapes import model_dir
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     lengths = [int(x) for x in a.lengths.split(",")]
     path = model_dir(a.model_root, a.shape)
-    kw = dict(load_format="dummy", enable_prefix_caching=True, max_num_seqs=a.streams,
-              max_model_len=max(lengths) + a.gen + 16, dtype="bfloat16",
-              gpu_memory_utilization=a.gpu_memory_utilization)  # fmt: skip
+    kw = dict(load_format="dummy", enable_prefix_caching=False, max_num_seqs=a.streams,
+              max_model_len=max(lengths) + a.gen + 16)  # fmt: skip
+    on_gpu = _on_gpu()
+    if on_gpu:
+        kw.update(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization)
+    else:  # CPU smoke (CI)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        kw.update(dtype="float32", block_size=16, gpu_memory_utilization=0.3, enforce_eager=True)
     if a.mode == "sinks":
         sinks = {"sink_tokens": a.sink_tokens, "window_tokens": a.window_tokens}
         kw.update(attention_backend="SINKS", additional_config={"sinks": sinks})
-    else:
+    elif on_gpu:
         kw.update(attention_backend="FLASH_ATTN")
     t0 = time.perf_counter()
     llm = LLM(model=path, **kw)
@@ -65,35 +73,8 @@ def main(argv=None) -> dict:
         managers = sink_managers(llm)
     rows = []
     for L in lengths:
-        rng = random.Random(L)
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, 380) for _ in range(L)])
-                   for _ in range(a.streams)]  # fmt: skip
-        for m in managers:
-            m.max_held_blocks = 0
-
-        def run(n: int, prompts=prompts) -> float:
-            sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False)
-            t = time.perf_counter()
-            llm.generate(prompts, sp, use_tqdm=True)
-            return time.perf_counter() - t
-
-        t_fill = run(1)
-        t_short = run(a.short_gen)
-        t_long = run(a.gen)
-        row = {
-            "length": L,
-            "fill_s": round(t_fill, 2),
-            "t_short_s": round(t_short, 3),
-            "t_long_s": round(t_long, 3),
-            "decode_tok_s": round(a.streams * (a.gen - a.short_gen) / (t_long - t_short), 1),
-            "dense_kv_tokens_needed": a.streams * (L + a.gen),
-            "streams_that_fit_dense": pool_tokens // (L + a.gen),
-        }
-        if managers:
-            row["max_kv_blocks_per_stream"] = max(m.max_held_blocks for m in managers)
-            row["max_kv_tokens_per_stream"] = row["max_kv_blocks_per_stream"] * cache.block_size
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(_run_length(llm, managers, a, L, pool_tokens, cache.block_size))
+        print(json.dumps(rows[-1]), flush=True)
     result = {
         "benchmark": "endless_streams_workload_B",
         "mode": a.mode,
@@ -115,6 +96,73 @@ def main(argv=None) -> dict:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def _on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _run_length(llm, managers, a, L: int, pool_tokens: int, block_size: int) -> dict:
+    """One length: N streams of L prompt tokens + a.gen generated, stepped with a clock per step."""
+    from tqdm import tqdm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_sinks.introspection import scheduler_of
+
+    engine = llm.llm_engine
+    scheduler = scheduler_of(llm)
+    rng = random.Random(L)
+    sp = SamplingParams(max_tokens=a.gen, temperature=0, ignore_eos=True, detokenize=False)
+    for m in managers:
+        m.max_held_blocks = 0
+    t0 = time.perf_counter()
+    for i in range(a.streams):
+        ids = [rng.randrange(3, 380) for _ in range(L)]
+        engine.add_request(f"L{L}-{i}", TokensPrompt(prompt_token_ids=ids), sp)
+    generated: dict[str, int] = {}
+    steps: list[tuple[float, int]] = []  # (time, total generated) after each step
+    decode_start: tuple[float, int] | None = None
+    prefill_peak = max_running = 0
+    bar = tqdm(total=a.streams * (L + a.gen), desc=f"L={L}", unit="tok", unit_scale=True)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            generated[out.request_id] = len(out.outputs[0].token_ids)
+        now, total = time.perf_counter(), sum(generated.values())
+        max_running = max(max_running, len(scheduler.running))
+        steps.append((now, total))
+        if decode_start is None and len(generated) == a.streams and min(generated.values()) >= a.short_gen:
+            decode_start = (now, total)
+            prefill_peak = max((m.max_held_blocks for m in managers), default=0)
+            for m in managers:
+                m.max_held_blocks = 0
+        bar.n = sum(min(n, 1) * L + n for n in generated.values())
+        bar.refresh()
+    bar.close()
+    t_end, total_end = steps[-1]
+    assert decode_start is not None and total_end == a.streams * a.gen, (decode_start, total_end)
+    row = {
+        "length": L,
+        "wall_s": round(t_end - t0, 2),
+        "prefill_s": round(decode_start[0] - t0, 2),
+        "decode_window_s": round(t_end - decode_start[0], 3),
+        "decode_tokens_timed": total_end - decode_start[1],
+        "decode_tok_s": round((total_end - decode_start[1]) / (t_end - decode_start[0]), 1),
+        "dense_kv_tokens_needed": a.streams * (L + a.gen),
+        "streams_that_fit_dense": pool_tokens // (L + a.gen),
+        "max_streams_running_at_once": max_running,
+    }
+    if managers:
+        decode_blocks = max(m.max_held_blocks for m in managers)
+        row["kv_blocks_per_stream_decode"] = decode_blocks
+        row["kv_tokens_per_stream_decode"] = decode_blocks * block_size
+        row["kv_blocks_per_stream_prefill_peak"] = prefill_peak
+    return row
 
 
 if __name__ == "__main__":

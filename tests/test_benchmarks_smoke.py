@@ -23,6 +23,41 @@ def test_bench_decode_smoke(tmp_path):
     assert saved["engine_kwargs"]["attention_backend"] == "SINKS"
 
 
+def test_bench_endless_smoke(tmp_path):
+    """Workload B's harness on CPU: two lengths in one engine; blocks per stream while decoding stay at the
+    window's bound at both lengths (the figure the GPU run reports)."""
+    import bench_endless
+
+    out = tmp_path / "endless.json"
+    res = bench_endless.main(
+        ["--mode", "sinks", "--shape", "tiny", "--streams", "2", "--lengths", "200,400", "--gen", "12",
+         "--short-gen", "4", "--window-tokens", "40", "--model-root", str(tmp_path), "--out", str(out)]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved == res and [r["length"] for r in saved["rows"]] == [200, 400]
+    for row in saved["rows"]:
+        assert row["decode_tok_s"] > 0 and row["decode_tokens_timed"] > 0
+        assert row["max_streams_running_at_once"] == 2
+        # S=4, W=40, blocks of 16: one sink block + ceil(41 / 16) + 1 window blocks at most.
+        assert 0 < row["kv_blocks_per_stream_decode"] <= 1 + 3 + 1
+    assert saved["rows"][0]["kv_blocks_per_stream_decode"] == saved["rows"][1]["kv_blocks_per_stream_decode"]
+
+
+def test_bench_startup_smoke(tmp_path):
+    import bench_startup
+
+    out = tmp_path / "startup.json"
+    res = bench_startup.main(
+        ["--modes", "dense,sinks", "--shape", "tiny", "--rounds", "1", "--warmup-rounds", "0",
+         "--enforce-eager", "--streams", "2", "--prompt-len", "64", "--window-tokens", "40",
+         "--model-root", str(tmp_path),
+         "--out", str(out)]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved == res and [s["mode"] for s in saved["starts"]] == ["dense", "sinks"]
+    assert set(saved["median_startup_s"]) == {"dense", "sinks"} and saved["ratio_to_dense"]["dense"] == 1.0
+
+
 def test_plot_scripts_render_the_committed_results(tmp_path):
     """The plot scripts draw the committed JSON results (what the PNGs in benchmarks/results/ come from)."""
     import os

@@ -1,0 +1,89 @@
+"""Engine start-up, SINKS vs stock, like for like: the same model shape and engine arguments as Workload A
+(bench_decode.py), each start in a fresh process, modes alternating on the same host.
+
+Round 0 warms the host's compile caches (torch.compile, Triton, CUDA graphs are captured every time) and is
+reported but not counted; the comparison is the median over the later rounds of the time LLM(...) takes to
+return (weights, profiling, KV-cache allocation, compilation, CUDA-graph capture).
+    python benchmarks/bench_startup.py --modes dense,sinks --rounds 3 --out benchmarks/results/startup.json
+CPU smoke (CI): --shape tiny --rounds 1 --warmup-rounds 0 --enforce-eager --prompt-len 64 --streams 2
+    --window-tokens 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default="dense,sinks", help="bench_decode.py modes; the first is the baseline")
+    p.add_argument("--rounds", type=int, default=3, help="rounds in all, warm-up rounds included")
+    p.add_argument("--warmup-rounds", type=int, default=1)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=8192)
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--window-tokens", type=int, default=4092)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--model-root", default=os.environ.get("TMPDIR", "/tmp") + "/vllm_sinks_models")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    modes = a.modes.split(",")
+    starts: list[dict] = []
+    for rnd in range(a.rounds):
+        for mode in modes if rnd % 2 == 0 else modes[::-1]:
+            starts.append(dict(round=rnd, mode=mode, warmup=rnd < a.warmup_rounds, **_start(mode, a)))
+            print(json.dumps(starts[-1]), flush=True)
+    counted = {m: [s["startup_s"] for s in starts if s["mode"] == m and not s["warmup"]] for m in modes}
+    median = {m: round(statistics.median(v), 2) for m, v in counted.items() if v}
+    base = modes[0]
+    result = {
+        "benchmark": "engine_startup",
+        "shape": a.shape,
+        "streams": a.streams,
+        "prompt_len": a.prompt_len,
+        "enforce_eager": a.enforce_eager,
+        "median_startup_s": median,
+        "ratio_to_" + base: {m: round(median[m] / median[base], 3) for m in median if base in median},
+        "starts": starts,
+        "device": starts[0].get("device") if starts else None,
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "starts"}, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _start(mode: str, a) -> dict:
+    """One engine start in a fresh process (bench_decode.py --startup-only): startup_s and process wall."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "start.json")
+        cmd = [sys.executable, os.path.join(HERE, "bench_decode.py"), "--mode", mode, "--startup-only",
+               "--shape", a.shape, "--streams", str(a.streams), "--prompt-len", str(a.prompt_len),
+               "--sink-tokens", str(a.sink_tokens), "--window-tokens", str(a.window_tokens),
+               "--model-root", a.model_root, "--out", out]  # fmt: skip
+        cmd += ["--enforce-eager"] if a.enforce_eager else []
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - t
+        with open(out) as f:
+            res = json.load(f)
+    return {"startup_s": res["startup_s"], "process_wall_s": round(wall, 1), "device": res["device"]}
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,11 @@
 SINKS = rope_and_cache (Triton) + FA3 window with LSE + sink_attention_merge (Triton).
 Stock = FA3 paged varlen with window_size=[W, 0] (what vLLM's sliding-window layer calls), with and without
 return_softmax_lse. Bytes = the window's K+V the kernel must read. Reports ms per layer (median of CUDA-event
-timings over a CUDA graph of the step) and GB/s, plus the host's device-to-device copy bandwidth.
+timings over a CUDA graph of the step) and GB/s, plus the host's device-to-device copy bandwidth:
+  attention  = FA3 window with LSE + sink_attention_merge (what stock's FA call alone stands for);
+  sinks      = rope_and_cache + attention (the whole SINKS step, rotation and cache write included; stock does
+               those in two more kernels outside its attention call);
+and each of the two Triton kernels alone.
     python benchmarks/bench_kernel.py --out benchmarks/results/kernel_h100.json
 """
 
@@ -122,16 +126,29 @@ def _bench_context(ctx: int, a, fa_version: int, copy_gbs: float) -> dict:
         _, lse = fa(True)
         ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
 
+    def attention():  # window + sinks + merge: the attention proper, without rotation and cache write
+        _, lse = fa(True)
+        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
+
+    _, lse_fixed = fa(True)
     window_bytes = n * (W + 1) * HK * D * 2 * 2
     row = {
         "context": ctx, "batch": n, "window": W, "sinks": S, "window_kv_bytes": window_bytes,
         "fa_window_ms": _timed(lambda: fa(False)), "fa_window_lse_ms": _timed(lambda: fa(True)),
-        "sinks_ms": _timed(sinks_step),
+        "attention_ms": _timed(attention), "sinks_ms": _timed(sinks_step),
+        "rope_and_cache_only_ms": _timed(
+            lambda: ops_cuda.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
+        ),
+        "merge_only_ms": _timed(
+            lambda: ops_cuda.sink_attention_merge(qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)
+        ),
     }  # fmt: skip
-    for key in ("fa_window_ms", "fa_window_lse_ms", "sinks_ms"):
+    for key in ("fa_window_ms", "fa_window_lse_ms", "attention_ms", "sinks_ms"):
         row[key.replace("_ms", "_gbs")] = round(window_bytes / row[key] / 1e6, 1)
+    for key in [k for k in row if k.endswith("_ms")]:
         row[key] = round(row[key], 4)
     row["sinks_over_fa"] = round(row["sinks_ms"] / row["fa_window_ms"], 3)
+    row["attention_fraction_of_copy_bw"] = round(row["attention_gbs"] / copy_gbs, 3)
     row["sinks_fraction_of_copy_bw"] = round(row["sinks_gbs"] / copy_gbs, 3)
     return row
 

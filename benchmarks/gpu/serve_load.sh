@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Online serving load on one GPU host: `vllm serve` of the Llama-3-8B shape (dummy weights, the tiny local
+# tokenizer) with SINKS (S=4, W=4092) or stock FLASH_ATTN, then benchmarks/bench_serve.py: CHATS concurrent
+# multi-turn streaming chats for DURATION seconds, 20% dropped mid-stream. Run once per mode, same host.
+#   bash benchmarks/gpu/serve_load.sh sinks|dense OUTDIR [DURATION_S=240] [CHATS=256]
+# Writes OUTDIR/serve_MODE.json (bench_serve.py's result) and OUTDIR/server_MODE.log.
+# Environment: SHAPE (benchmarks/model_shapes.py), WINDOW, DTYPE, GPU_UTIL; e.g. a CPU check of the script:
+#   VLLM_CPU_KVCACHE_SPACE=1 SHAPE=tiny WINDOW=200 DTYPE=float32 GPU_UTIL=0.3 bash ... sinks /tmp/o 20 8
+set -u
+MODE=$1
+OUTDIR=$2
+DURATION=${3:-240}
+CHATS=${4:-256}
+VLLM=${VLLM:-python3 -m vllm.entrypoints.cli.main}  # the offline bundle has no `vllm` script
+MODEL=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from model_shapes import model_dir; \
+print(model_dir('/tmp/vllm_sinks_models', '${SHAPE:-llama3-8b}'))")
+case $MODE in
+  sinks) BACKEND=(--attention-backend SINKS --additional-config '{"sinks": {"sink_tokens": 4, "window_tokens": '"${WINDOW:-4092}"'}}') ;;
+  dense) BACKEND=(--attention-backend FLASH_ATTN) ;;
+  *) echo "MODE must be sinks or dense" >&2; exit 2 ;;
+esac
+mkdir -p "$OUTDIR"
+t0=$(date +%s)
+$VLLM serve "$MODEL" --load-format dummy --dtype "${DTYPE:-bfloat16}" --gpu-memory-utilization "${GPU_UTIL:-0.90}" --max-num-seqs "$CHATS" \
+  --port 8000 "${BACKEND[@]}" >"$OUTDIR/server_$MODE.log" 2>&1 &
+PID=$!
+ready=0
+for _ in $(seq 1 400); do
+  if python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=2)" 2>/dev/null; then
+    ready=1; break
+  fi
+  kill -0 $PID 2>/dev/null || break
+  sleep 1
+done
+if [ $ready != 1 ]; then
+  echo "server ($MODE) did not come up"; tail -40 "$OUTDIR/server_$MODE.log"; kill $PID 2>/dev/null; exit 1
+fi
+echo "server ($MODE) ready after $(( $(date +%s) - t0 )) s"
+python3 benchmarks/bench_serve.py --base-url http://127.0.0.1:8000 --model "$MODEL" --chats "$CHATS" \
+  --duration "$DURATION" --disconnect-rate 0.2 --allowed-token-ids 3:380 --server-pid $PID \
+  --out "$OUTDIR/serve_$MODE.json"
+rc=$?
+kill -INT $PID
+wait $PID
+grep -E "SINKS (attention backend|KV pool)|Maximum concurrency|GPU KV cache size" "$OUTDIR/server_$MODE.log" | head -5
+exit $rc

@@ -4,7 +4,9 @@ Each chat is an endless conversation: it sends its whole history plus a new user
 appends it, and starts the next turn, until --duration seconds have passed (the turn in flight finishes).
 A share of replies (--disconnect-rate) is dropped by the client mid-stream. Measured from the client: TTFT
 (request sent -> first content chunk) and inter-token latency (gaps between content chunks), p50/p99, status
-codes (2xx / 4xx / 5xx) and transport errors. Sampled from the server every --sample-s: /metrics (running
+codes (2xx / 4xx / 5xx) and transport errors (a request that got no response at all is sent again up to
+--connection-retries times, as the openai client does, and counted in connection_retries; an error after the
+response began is never retried). Sampled from the server every --sample-s: /metrics (running
 requests, KV-cache usage, vllm_sinks:* when served with SINKS) and, with --server-pid, the resident memory of
 the server and all its child processes (API server, engine core, workers). At the end it waits until the
 server is idle and reports the KV blocks still held (must be 0).
@@ -77,7 +79,7 @@ class Load:
         self.itl: list[float] = []
         self.status: dict[str, int] = {"2xx": 0, "4xx": 0, "5xx": 0}
         self.errors: list[str] = []
-        self.turns = self.disconnects = self.output_chunks = 0
+        self.turns = self.disconnects = self.output_chunks = self.connection_retries = 0
         self.samples: list[dict] = []
 
     async def chat(self, client, cid: int, deadline: float) -> None:
@@ -98,34 +100,49 @@ class Load:
                 body["allowed_token_ids"] = list(range(lo, hi))
             reply, n, last = [], 0, None
             t0 = time.perf_counter()
-            try:
-                async with client.stream("POST", url, json=body) as r:
-                    code = f"{r.status_code // 100}xx"
-                    self.status[code] = self.status.get(code, 0) + 1
-                    if r.status_code != 200:
-                        await r.aread()
-                        self.errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+            failed = False
+            for attempt in range(self.a.connection_retries + 1):
+                responded = False
+                try:
+                    async with client.stream("POST", url, json=body) as r:
+                        responded = True
+                        code = f"{r.status_code // 100}xx"
+                        self.status[code] = self.status.get(code, 0) + 1
+                        if r.status_code != 200:
+                            await r.aread()
+                            self.errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                            failed = True
+                            break
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            choices = chunk.get("choices") or []
+                            if not choices or not choices[0].get("delta", {}).get("content"):
+                                continue
+                            now = time.perf_counter()
+                            if last is None:
+                                self.ttft.append(now - t0)
+                            else:
+                                self.itl.append(now - last)
+                            last = now
+                            n += 1
+                            reply.append(choices[0]["delta"]["content"])
+                            if drop_after is not None and n >= drop_after:
+                                self.disconnects += 1
+                                break  # leaving the block closes the connection mid-stream
+                    break
+                except (httpx.HTTPError, OSError) as e:
+                    if not responded and attempt < self.a.connection_retries:
+                        # No response yet (typically a pooled keep-alive connection the server closed at
+                        # that moment): send again, as the openai client does (max_retries=2).
+                        self.connection_retries += 1
                         continue
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        choices = chunk.get("choices") or []
-                        if not choices or not choices[0].get("delta", {}).get("content"):
-                            continue
-                        now = time.perf_counter()
-                        if last is None:
-                            self.ttft.append(now - t0)
-                        else:
-                            self.itl.append(now - last)
-                        last = now
-                        n += 1
-                        reply.append(choices[0]["delta"]["content"])
-                        if drop_after is not None and n >= drop_after:
-                            self.disconnects += 1
-                            break  # leaving the block closes the connection mid-stream
-            except (httpx.HTTPError, OSError) as e:
-                self.errors.append(f"{type(e).__name__}: {e}")
+                    where = "mid-stream" if responded else "no response"
+                    self.errors.append(f"{type(e).__name__} ({where}): {e}")
+                    failed = True
+                    break
+            if failed:
                 await asyncio.sleep(0.5)
                 continue
             self.turns += 1
@@ -186,6 +203,7 @@ class Load:
             "max_tokens": a.max_tokens, "disconnect_rate": a.disconnect_rate,
             "turns_completed": self.turns, "client_disconnects": self.disconnects, "status": self.status,
             "errors": len(self.errors), "error_examples": self.errors[:5],
+            "connection_retries": self.connection_retries,
             "output_tokens_per_s": round(self.output_chunks / elapsed, 1),
             "ttft_ms": {"p50": _r(percentile(self.ttft, 50), ms), "p99": _r(percentile(self.ttft, 99), ms),
                         "n": len(self.ttft)},
@@ -217,6 +235,8 @@ def parse(argv=None):
     p.add_argument("--sample-s", type=float, default=5.0)
     p.add_argument("--warmup-s", type=float, default=60.0)
     p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--connection-retries", type=int, default=2,
+                   help="resend a request that got no response at all, as openai's client does")  # fmt: skip
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 

@@ -6,9 +6,12 @@ For each length L, N requests of L prompt tokens and G generated tokens each are
 first step at which every stream has generated `--short-gen` tokens (all prefills done) to the last step:
 tokens generated in between / seconds. Nothing depends on the prefix cache. KV blocks per stream (SINKS):
 the most real blocks any stream held while decoding, and separately during prefill (a prefill chunk's
-blocks are held until the chunk is computed); vLLM's pool size gives how many such streams dense could hold,
-and the most streams the scheduler ran at once shows whether the others queued.
+blocks are held until the chunk is computed); for every mode, the real blocks in vLLM's block tables when
+decoding starts and just before it ends. vLLM's pool size gives how many such streams dense could hold, and
+the most streams the scheduler ran at once shows whether the others queued. Modes: sinks; sliding = stock
+vLLM with every layer given a --sliding-window; dense = stock FlashAttention.
     python benchmarks/bench_endless.py --mode sinks --lengths 16384,65536,262144 --out ...
+    python benchmarks/bench_endless.py --mode sliding --out ...
     python benchmarks/bench_endless.py --mode dense --lengths 16384,65536 --out ...
 CPU smoke (CI): --shape tiny --streams 2 --lengths 200,400 --gen 12 --short-gen 4 --window-tokens 40
 """
@@ -28,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["sinks", "dense"], required=True)
+    p.add_argument("--mode", choices=["sinks", "sliding", "dense"], required=True)
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--lengths", default="16384,65536,262144")
@@ -36,6 +39,7 @@ def main(argv=None) -> dict:
     p.add_argument("--short-gen", type=int, default=32)
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window-tokens", type=int, default=4092)
+    p.add_argument("--sliding-window", type=int, default=4096, help="--mode sliding: vLLM's own window")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--model-root", default=os.environ.get("TMPDIR", "/tmp") + "/vllm_sinks_models")
     p.add_argument("--out", default=None)
@@ -47,7 +51,7 @@ def main(argv=None) -> dict:
     from vllm import LLM
 
     lengths = [int(x) for x in a.lengths.split(",")]
-    path = model_dir(a.model_root, a.shape)
+    path = model_dir(a.model_root, a.shape, sliding_window=a.sliding_window if a.mode == "sliding" else None)
     kw = dict(load_format="dummy", enable_prefix_caching=False, max_num_seqs=a.streams,
               max_model_len=max(lengths) + a.gen + 16)  # fmt: skip
     on_gpu = _on_gpu()
@@ -84,6 +88,7 @@ def main(argv=None) -> dict:
         "short_gen": a.short_gen,
         "sink_tokens": a.sink_tokens if a.mode == "sinks" else None,
         "window_tokens": a.window_tokens if a.mode == "sinks" else None,
+        "sliding_window": a.sliding_window if a.mode == "sliding" else None,
         "kv_pool_tokens": pool_tokens,
         "startup_s": round(startup_s, 1),
         "rows": rows,
@@ -113,7 +118,7 @@ def _run_length(llm, managers, a, L: int, pool_tokens: int, block_size: int) -> 
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.introspection import real_blocks_per_request, scheduler_of
 
     engine = llm.llm_engine
     scheduler = scheduler_of(llm)
@@ -128,19 +133,26 @@ def _run_length(llm, managers, a, L: int, pool_tokens: int, block_size: int) -> 
     generated: dict[str, int] = {}
     steps: list[tuple[float, int]] = []  # (time, total generated) after each step
     decode_start: tuple[float, int] | None = None
-    prefill_peak = max_running = 0
+    prefill_peak = max_running = held_at_decode_start = held_before_end = streams_timed = 0
     bar = tqdm(total=a.streams * (L + a.gen), desc=f"L={L}", unit="tok", unit_scale=True)
+    excluded_s = 0.0  # time spent in block snapshots inside the timed decode window, not counted
     while engine.has_unfinished_requests():
         for out in engine.step():
             generated[out.request_id] = len(out.outputs[0].token_ids)
-        now, total = time.perf_counter(), sum(generated.values())
+        total = sum(generated.values())
         max_running = max(max_running, len(scheduler.running))
-        steps.append((now, total))
         if decode_start is None and len(generated) == a.streams and min(generated.values()) >= a.short_gen:
-            decode_start = (now, total)
             prefill_peak = max((m.max_held_blocks for m in managers), default=0)
+            held_at_decode_start = max(real_blocks_per_request(llm).values(), default=0)
             for m in managers:
                 m.max_held_blocks = 0
+            streams_timed = sum(1 for n in generated.values() if n < a.gen)
+            decode_start = (time.perf_counter(), total)  # the clock starts after the snapshot
+        elif decode_start is not None and not held_before_end and min(generated.values()) >= a.gen - 2:
+            t_snap = time.perf_counter()
+            held_before_end = max(real_blocks_per_request(llm).values(), default=0)
+            excluded_s += time.perf_counter() - t_snap
+        steps.append((time.perf_counter(), total))
         bar.n = sum(min(n, 1) * L + n for n in generated.values())
         bar.refresh()
     bar.close()
@@ -150,12 +162,17 @@ def _run_length(llm, managers, a, L: int, pool_tokens: int, block_size: int) -> 
         "length": L,
         "wall_s": round(t_end - t0, 2),
         "prefill_s": round(decode_start[0] - t0, 2),
-        "decode_window_s": round(t_end - decode_start[0], 3),
+        "decode_window_s": round(t_end - decode_start[0] - excluded_s, 3),
         "decode_tokens_timed": total_end - decode_start[1],
-        "decode_tok_s": round((total_end - decode_start[1]) / (t_end - decode_start[0]), 1),
+        "streams_decoding_when_timed": streams_timed,  # < streams if some finished before the others began
+        "decode_tok_s": round((total_end - decode_start[1]) / (t_end - decode_start[0] - excluded_s), 1),
         "dense_kv_tokens_needed": a.streams * (L + a.gen),
         "streams_that_fit_dense": pool_tokens // (L + a.gen),
         "max_streams_running_at_once": max_running,
+        # Real blocks of the longest-holding stream, counted in vLLM's block tables (any backend).
+        "kv_blocks_per_stream_at_decode_start": held_at_decode_start,
+        "kv_blocks_per_stream_near_end": held_before_end,
+        "block_size": block_size,
     }
     if managers:
         decode_blocks = max(m.max_held_blocks for m in managers)

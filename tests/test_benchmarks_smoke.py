@@ -37,10 +37,24 @@ def test_bench_endless_smoke(tmp_path):
     assert saved == res and [r["length"] for r in saved["rows"]] == [200, 400]
     for row in saved["rows"]:
         assert row["decode_tok_s"] > 0 and row["decode_tokens_timed"] > 0
-        assert row["max_streams_running_at_once"] == 2
+        assert row["max_streams_running_at_once"] == 2 and row["streams_decoding_when_timed"] == 2
+        assert 0 < row["kv_blocks_per_stream_near_end"] <= 1 + 3 + 1
         # S=4, W=40, blocks of 16: one sink block + ceil(41 / 16) + 1 window blocks at most.
         assert 0 < row["kv_blocks_per_stream_decode"] <= 1 + 3 + 1
     assert saved["rows"][0]["kv_blocks_per_stream_decode"] == saved["rows"][1]["kv_blocks_per_stream_decode"]
+
+
+def test_bench_endless_dense_smoke(tmp_path):
+    """The stock side of Workload B: blocks per stream grow with the stream (counted in vLLM's tables)."""
+    import bench_endless
+
+    res = bench_endless.main(
+        ["--mode", "dense", "--shape", "tiny", "--streams", "2", "--lengths", "200,400", "--gen", "12",
+         "--short-gen", "4", "--model-root", str(tmp_path)]
+    )  # fmt: skip
+    short, long = res["rows"]
+    assert short["kv_blocks_per_stream_near_end"] == -(-(200 + 12 - 2) // 16)
+    assert long["kv_blocks_per_stream_near_end"] == -(-(400 + 12 - 2) // 16)
 
 
 def test_bench_startup_smoke(tmp_path):

@@ -1,7 +1,7 @@
 """Read-only views of the SINKS block policy, for tests and operators.
 
-`sink_managers(llm)` works on an in-process engine (LLM or LLMEngine built with
-VLLM_ENABLE_V1_MULTIPROCESSING=0); `block_stats(manager)` summarizes one manager.
+`sink_managers(llm)` and `real_blocks_per_request(llm)` work on an in-process engine (LLM or LLMEngine built
+with VLLM_ENABLE_V1_MULTIPROCESSING=0); `block_stats(manager)` summarizes one manager.
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ def scheduler_of(llm: Any) -> Any:
 def sink_managers(llm: Any) -> list[SinkWindowManager]:
     coordinator = scheduler_of(llm).kv_cache_manager.coordinator
     return [m for m in coordinator.single_type_managers if isinstance(m, SinkWindowManager)]
+
+
+def real_blocks_per_request(llm: Any) -> dict[str, int]:
+    """Real (non-null) KV blocks each running request holds now, summed over KV-cache groups; works for any
+    attention backend (dense, vLLM's sliding window, SINKS). O(blocks held): for snapshots, not every step."""
+    held: dict[str, int] = {}
+    for manager in scheduler_of(llm).kv_cache_manager.coordinator.single_type_managers:
+        for request_id, blocks in manager.req_to_blocks.items():
+            held[request_id] = held.get(request_id, 0) + sum(1 for b in blocks if not b.is_null)
+    return held
 
 
 def block_stats(manager: SinkWindowManager) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def sink_managers(llm: Any) -> list[SinkWindowManager]:
 
 def real_blocks_per_request(llm: Any) -> dict[str, int]:
     """Real (non-null) KV blocks each running request holds now, summed over KV-cache groups; works for any
-    attention backend (dense, vLLM's sliding window, SINKS). O(blocks held): for snapshots, not every step."""
+    attention backend (dense, vLLM's sliding window, SINKS). O(block-table length): for snapshots only."""
     held: dict[str, int] = {}
     for manager in scheduler_of(llm).kv_cache_manager.coordinator.single_type_managers:
         for request_id, blocks in manager.req_to_blocks.items():

@@ -6,6 +6,7 @@ All patches are idempotent and inert unless the SINKS backend is selected.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Any
 
@@ -223,11 +224,15 @@ def _patch_model_loader() -> None:
 
 
 # --- 5. engine configuration -------------------------------------------------------------------------------
+# True while EngineArgs.create_engine_config builds a SINKS engine's config (read by the max_model_len patch).
+_BUILDING_SINKS_CONFIG: contextvars.ContextVar[bool] = contextvars.ContextVar("sinks_config", default=False)
+
+
 def _patch_engine_config() -> None:
     """vllm.engine.arg_utils.EngineArgs.create_engine_config: under SINKS,
-    * accept --max-model-len beyond the model's trained context (positions never reach the rotary table:
-      the stream length only sizes vLLM's per-request token buffers), defaulting to
-      DEFAULT_SINKS_MAX_MODEL_LEN when not given;
+    * accept --max-model-len beyond the model's trained context (see _patch_max_model_len), defaulting to
+      DEFAULT_SINKS_MAX_MODEL_LEN when not given (set after vLLM derived its defaults from the trained
+      context, as a stock engine would have);
     * validate the SINKS config against the model and block size once, in the front-end process, so a
       bad value fails start-up with a message that says what to change;
     * log S, W and the per-stream block bound."""
@@ -247,15 +252,43 @@ def _patch_engine_config() -> None:
         # Validate S and W before any model work.
         sinks = sinks_config_from_vllm(self)
         requested = self.max_model_len
-        self.max_model_len = None
+        if requested == -1:  # "fit to memory": a SINKS stream's memory does not grow; use the default limit
+            self.max_model_len = None
+        token = _BUILDING_SINKS_CONFIG.set(True)
         try:
             config = original(self, *args, **kwargs)
         finally:
+            _BUILDING_SINKS_CONFIG.reset(token)
             self.max_model_len = requested
         configure_sinks_engine(config, sinks, requested)
         return config
 
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _patch_max_model_len() -> None:
+    """vllm.config.model.ModelConfig.get_and_verify_max_len: while a SINKS config is built, a --max-model-len
+    beyond the model's trained context is the stream limit, not an error (SINKS attends to at most S + W
+    cache indices, so positions never reach the end of the rotary table; the limit only sizes vLLM's
+    per-request token buffers). Every other check stays vLLM's, and vLLM derives its defaults (e.g. the
+    max_num_seqs x max_model_len cap on max_num_batched_tokens) from the limit asked for, as for stock."""
+    from vllm.config.model import ModelConfig
+
+    original = ModelConfig.get_and_verify_max_len
+
+    @functools.wraps(original)
+    def get_and_verify_max_len(self, max_model_len):
+        if not _BUILDING_SINKS_CONFIG.get() or max_model_len in (None, -1):
+            return original(self, max_model_len)
+        try:
+            return original(self, max_model_len)
+        except ValueError as e:
+            if "is greater than the derived max_model_len" not in str(e):
+                raise
+        original(self, None)  # vLLM's other checks, against the trained context
+        return int(max_model_len)
+
+    ModelConfig.get_and_verify_max_len = get_and_verify_max_len
 
 
 def configure_sinks_engine(config: Any, sinks: SinksConfig, requested_max_model_len: int | None) -> None:
@@ -374,5 +407,6 @@ def apply_patches() -> None:
     _patch_attention_kv_cache_spec()
     _patch_model_loader()
     _patch_engine_config()
+    _patch_max_model_len()
     _patch_scheduler_stats()
     _PATCHED = True

@@ -2,9 +2,12 @@
 at each length, in one engine.
 
 For each length L, N requests of L prompt tokens and G generated tokens each are stepped through the engine
-(LLMEngine.step, in-process) with a timestamp per step. Decode tok/s is timed inside that one run, from the
-first step at which every stream has generated `--short-gen` tokens (all prefills done) to the last step:
-tokens generated in between / seconds. Nothing depends on the prefix cache. KV blocks per stream (SINKS):
+(LLMEngine.step, in-process) with a timestamp per step. Decode tok/s is timed inside that one run, over the
+steps in which all N streams decode together: from the first step at which every stream has generated
+`--short-gen` tokens (all prefills done) to the step before the first stream finishes; tokens generated in
+between / seconds. Prefills run one after another, so the first stream starts decoding about N*L/chunk steps
+before the last: G (default: auto) is short-gen + that stagger + `--timed-steps`, so that every length is
+timed with all N streams decoding. Nothing depends on the prefix cache. KV blocks per stream (SINKS):
 the most real blocks any stream held while decoding, and separately during prefill (a prefill chunk's
 blocks are held until the chunk is computed); for every mode, the real blocks in vLLM's block tables when
 decoding starts and just before it ends. vLLM's pool size gives how many such streams dense could hold, and
@@ -35,8 +38,10 @@ def main(argv=None) -> dict:
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--lengths", default="16384,65536,262144")
-    p.add_argument("--gen", type=int, default=160)
+    p.add_argument("--gen", type=int, default=0, help="tokens generated per stream; 0: auto (see above)")
     p.add_argument("--short-gen", type=int, default=32)
+    p.add_argument("--timed-steps", type=int, default=128, help="--gen 0: steps timed, all N decoding")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: 16384 on a GPU")
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window-tokens", type=int, default=4092)
     p.add_argument("--sliding-window", type=int, default=4096, help="--mode sliding: vLLM's own window")
@@ -52,9 +57,11 @@ def main(argv=None) -> dict:
 
     lengths = [int(x) for x in a.lengths.split(",")]
     path = model_dir(a.model_root, a.shape, sliding_window=a.sliding_window if a.mode == "sliding" else None)
-    kw = dict(load_format="dummy", enable_prefix_caching=False, max_num_seqs=a.streams,
-              max_model_len=max(lengths) + a.gen + 16)  # fmt: skip
     on_gpu = _on_gpu()
+    chunk = a.max_num_batched_tokens or (16384 if on_gpu else 2048)
+    gens = {L: a.gen or a.short_gen + -(-a.streams * L // chunk) + a.timed_steps for L in lengths}
+    kw = dict(load_format="dummy", enable_prefix_caching=False, max_num_seqs=a.streams,
+              max_num_batched_tokens=chunk, max_model_len=max(L + gens[L] for L in lengths) + 16)  # fmt: skip
     if on_gpu:
         kw.update(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization)
     else:  # CPU smoke (CI)
@@ -77,15 +84,16 @@ def main(argv=None) -> dict:
         managers = sink_managers(llm)
     rows = []
     for L in lengths:
-        rows.append(_run_length(llm, managers, a, L, pool_tokens, cache.block_size))
+        rows.append(_run_length(llm, managers, a, L, gens[L], pool_tokens, cache.block_size))
         print(json.dumps(rows[-1]), flush=True)
     result = {
         "benchmark": "endless_streams_workload_B",
         "mode": a.mode,
         "shape": a.shape,
         "streams": a.streams,
-        "gen": a.gen,
+        "gen": {str(L): g for L, g in gens.items()},
         "short_gen": a.short_gen,
+        "max_num_batched_tokens": chunk,
         "sink_tokens": a.sink_tokens if a.mode == "sinks" else None,
         "window_tokens": a.window_tokens if a.mode == "sinks" else None,
         "sliding_window": a.sliding_window if a.mode == "sliding" else None,
@@ -112,8 +120,8 @@ def _on_gpu() -> bool:
         return False
 
 
-def _run_length(llm, managers, a, L: int, pool_tokens: int, block_size: int) -> dict:
-    """One length: N streams of L prompt tokens + a.gen generated, stepped with a clock per step."""
+def _run_length(llm, managers, a, L: int, gen: int, pool_tokens: int, block_size: int) -> dict:
+    """One length: N streams of L prompt tokens + `gen` generated, stepped with a clock per step."""
     from tqdm import tqdm
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -123,7 +131,7 @@ def _run_length(llm, managers, a, L: int, pool_tokens: int, block_size: int) -> 
     engine = llm.llm_engine
     scheduler = scheduler_of(llm)
     rng = random.Random(L)
-    sp = SamplingParams(max_tokens=a.gen, temperature=0, ignore_eos=True, detokenize=False)
+    sp = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True, detokenize=False)
     for m in managers:
         m.max_held_blocks = 0
     t0 = time.perf_counter()
@@ -133,41 +141,54 @@ def _run_length(llm, managers, a, L: int, pool_tokens: int, block_size: int) -> 
     generated: dict[str, int] = {}
     steps: list[tuple[float, int]] = []  # (time, total generated) after each step
     decode_start: tuple[float, int] | None = None
+    decode_end: tuple[float, int] | None = None  # the last step in which all N streams decoded
     prefill_peak = max_running = held_at_decode_start = held_before_end = streams_timed = 0
-    bar = tqdm(total=a.streams * (L + a.gen), desc=f"L={L}", unit="tok", unit_scale=True)
+    bar = tqdm(total=a.streams * (L + gen), desc=f"L={L}", unit="tok", unit_scale=True)
     excluded_s = 0.0  # time spent in block snapshots inside the timed decode window, not counted
     while engine.has_unfinished_requests():
+        before = (time.perf_counter(), sum(generated.values()))
         for out in engine.step():
             generated[out.request_id] = len(out.outputs[0].token_ids)
         total = sum(generated.values())
         max_running = max(max_running, len(scheduler.running))
+        if decode_start is not None and decode_end is None and max(generated.values()) >= gen:
+            decode_end = before  # a stream finished in this step: the window ends before it
         if decode_start is None and len(generated) == a.streams and min(generated.values()) >= a.short_gen:
             prefill_peak = max((m.max_held_blocks for m in managers), default=0)
             held_at_decode_start = max(real_blocks_per_request(llm).values(), default=0)
             for m in managers:
                 m.max_held_blocks = 0
-            streams_timed = sum(1 for n in generated.values() if n < a.gen)
+            streams_timed = sum(1 for n in generated.values() if n < gen)
             decode_start = (time.perf_counter(), total)  # the clock starts after the snapshot
-        elif decode_start is not None and not held_before_end and min(generated.values()) >= a.gen - 2:
+        elif decode_start is not None and not held_before_end and min(generated.values()) >= gen - 2:
             t_snap = time.perf_counter()
             held_before_end = max(real_blocks_per_request(llm).values(), default=0)
-            excluded_s += time.perf_counter() - t_snap
+            if decode_end is None:  # inside the timed window: not counted
+                excluded_s += time.perf_counter() - t_snap
         steps.append((time.perf_counter(), total))
         bar.n = sum(min(n, 1) * L + n for n in generated.values())
         bar.refresh()
     bar.close()
     t_end, total_end = steps[-1]
-    assert decode_start is not None and total_end == a.streams * a.gen, (decode_start, total_end)
+    assert decode_start is not None and total_end == a.streams * gen, (decode_start, total_end)
+    together = decode_end is not None and decode_end[1] > decode_start[1]
+    if not together:  # e.g. dense at a length where the pool holds fewer than N streams: the rest queued
+        print(f"L={L}: no step had all {a.streams} streams decoding together; decode_tok_s is not reported")
+    timed_tokens = decode_end[1] - decode_start[1] if together else 0
+    timed_s = decode_end[0] - decode_start[0] - excluded_s if together else 0.0
     row = {
         "length": L,
         "wall_s": round(t_end - t0, 2),
         "prefill_s": round(decode_start[0] - t0, 2),
-        "decode_window_s": round(t_end - decode_start[0] - excluded_s, 3),
-        "decode_tokens_timed": total_end - decode_start[1],
-        "streams_decoding_when_timed": streams_timed,  # < streams if some finished before the others began
-        "decode_tok_s": round((total_end - decode_start[1]) / (t_end - decode_start[0] - excluded_s), 1),
-        "dense_kv_tokens_needed": a.streams * (L + a.gen),
-        "streams_that_fit_dense": pool_tokens // (L + a.gen),
+        "gen": gen,
+        "decode_window_s": round(timed_s, 3),
+        "decode_tokens_timed": timed_tokens,
+        "decode_steps_timed": timed_tokens // a.streams,
+        "all_streams_decoded_together": together,
+        "streams_decoding_when_timed": streams_timed if together else 0,
+        "decode_tok_s": round(timed_tokens / timed_s, 1) if together else None,
+        "dense_kv_tokens_needed": a.streams * (L + gen),
+        "streams_that_fit_dense": pool_tokens // (L + gen),
         "max_streams_running_at_once": max_running,
         # Real blocks of the longest-holding stream, counted in vLLM's block tables (any backend).
         "kv_blocks_per_stream_at_decode_start": held_at_decode_start,

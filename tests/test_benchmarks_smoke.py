@@ -38,6 +38,7 @@ def test_bench_endless_smoke(tmp_path):
     for row in saved["rows"]:
         assert row["decode_tok_s"] > 0 and row["decode_tokens_timed"] > 0
         assert row["max_streams_running_at_once"] == 2 and row["streams_decoding_when_timed"] == 2
+        assert row["all_streams_decoded_together"] and row["decode_steps_timed"] > 0
         assert 0 < row["kv_blocks_per_stream_near_end"] <= 1 + 3 + 1
         # S=4, W=40, blocks of 16: one sink block + ceil(41 / 16) + 1 window blocks at most.
         assert 0 < row["kv_blocks_per_stream_decode"] <= 1 + 3 + 1

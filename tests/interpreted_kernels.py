@@ -17,30 +17,7 @@ import sys
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
-
-
-def window_attention(q_win, kv, block_table, qsl, seq_lens, W, scale):
-    """Attention of each query over [t - W, t] of its request, and the natural-log LSE ([H, n])."""
-    from vllm_sinks.ops_torch import _gather
-
-    n, H, D = q_win.shape
-    group = H // kv.shape[3]
-    out = torch.empty(n, H, D)
-    lse = torch.empty(H, n)
-    for r, seq_len in enumerate(seq_lens):
-        start, end = qsl[r], qsl[r + 1]
-        first = seq_len - (end - start)
-        key_pos = torch.arange(max(0, first - W), seq_len)
-        k, v = _gather(kv, block_table[r], key_pos)
-        k = k.float().repeat_interleave(group, dim=1)
-        v = v.float().repeat_interleave(group, dim=1)
-        t = torch.arange(first, seq_len)
-        s = torch.einsum("nhd,mhd->hnm", q_win[start:end].float(), k) * scale
-        vis = (key_pos[None, :] <= t[:, None]) & (key_pos[None, :] >= t[:, None] - W)
-        s = s.masked_fill(~vis[None], float("-inf"))
-        lse[:, start:end] = torch.logsumexp(s, dim=-1)
-        out[start:end] = torch.einsum("hnm,mhd->nhd", torch.softmax(s, dim=-1), v)
-    return out, lse
+from attention_oracle import window_attention  # noqa: E402
 
 
 def run_case(S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed) -> dict:

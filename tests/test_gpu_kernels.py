@@ -1,9 +1,20 @@
-"""Randomized test of the CUDA kernels against the float32 PyTorch path (ops_torch), on mixed batches of
-prefill and decode requests with random block tables. GPU only."""
+"""Randomized test of the CUDA path against the float32 PyTorch path (ops_torch), on mixed batches of
+prefill and decode requests with random block tables. GPU only.
+
+Two checks per case, so that a failure names its part:
+* test_kernels_match_torch: the project's kernels. The cache rope_and_cache writes equals the reference
+  cache, and the output sink_attention_merge returns equals merge(FlashAttention's own window output and
+  LSE, the exact sink part) (tests/attention_oracle.py), i.e. everything but FlashAttention's window part.
+* test_cuda_path_matches_streamingllm: the whole CUDA path (FlashAttention's window part included) against
+  the StreamingLLM reference. On an H100 (2026-11-23) FlashAttention-3's window output for a few rows of
+  GQA prefill chunks differed from exact attention by a one-key-sized amount (row error 0.05-0.1, bf16);
+  see benchmarks/results/NOTES.md. The failure message lists those rows.
+Seeds are fixed per case (crc32 of the parameters), so a failure reproduces."""
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -25,17 +36,28 @@ def _rope(rotary_dim: int, neox: bool):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("S,W", [(4, 60), (1, 31), (0, 64), (16, 48), (4, 1020)])
-@pytest.mark.parametrize(
-    "head_size,heads,kv_heads,rotary_dim,neox",
-    [(128, 8, 2, 128, True), (64, 4, 4, 64, True), (128, 8, 1, 64, False)],
+CASES = pytest.mark.parametrize(
+    "dtype,S,W,head_size,heads,kv_heads,rotary_dim,neox",
+    [
+        (dtype, S, W, *shape)
+        for dtype in (torch.bfloat16, torch.float16)
+        for S, W in ((4, 60), (1, 31), (0, 64), (16, 48), (4, 1020))
+        for shape in ((128, 8, 2, 128, True), (64, 4, 4, 64, True), (128, 8, 1, 64, False))
+    ],
 )
-def test_kernels_match_torch(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox):
+
+
+def _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox) -> dict:
+    """One mixed batch through the CUDA path and the float32 reference; returns both and their parts."""
+    from attention_oracle import sink_part
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+
     from vllm_sinks import ops_cuda, ops_torch
     from vllm_sinks.rope import apply_rotary
 
-    g = torch.Generator().manual_seed(hash((S, W, head_size, str(dtype))) % 2**31)
+    g = torch.Generator().manual_seed(
+        zlib.crc32(repr((S, W, head_size, heads, kv_heads, str(dtype))).encode())
+    )
     dev = "cuda"
     B = 16
     rope = _rope(rotary_dim, neox)
@@ -82,27 +104,14 @@ def test_kernels_match_torch(dtype, S, W, head_size, heads, kv_heads, rotary_dim
     )
 
     # CUDA path.
-    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
-
     kv_d = kv.to(dev)
     q_d, k_d, v_d = q.to(dev), k.to(dev), v.to(dev)
     q_sink = torch.empty_like(q_d)
     kc, vc = kv_d.unbind(0)
     ops_cuda.rope_and_cache(
-        q_d,
-        k_d,
-        v_d,
-        q_sink,
-        kc,
-        vc,
-        slots.to(dev),
-        cw.to(dev),
-        sw.to(dev),
-        cs.to(dev),
-        ss.to(dev),
-        rotary_dim,
-        neox,
-    )
+        q_d, k_d, v_d, q_sink, kc, vc, slots.to(dev),
+        cw.to(dev), sw.to(dev), cs.to(dev), ss.to(dev), rotary_dim, neox,
+    )  # fmt: skip
     out = torch.full((n, heads, head_size), float("nan"), dtype=dtype, device=dev)
     bt = block_table.to(dev)
     _, lse = flash_attn_varlen_func(
@@ -121,14 +130,53 @@ def test_kernels_match_torch(dtype, S, W, head_size, heads, kv_heads, rotary_dim
         return_softmax_lse=True,
         fa_version=get_flash_attn_version(head_size=head_size),
     )
+    torch.cuda.synchronize()
+    window_out, window_lse = out.float().cpu(), lse.float().cpu()[:, :n]
     ops_cuda.sink_attention_merge(
         q_sink, kc, vc, out, lse, positions.to(dev), req_idx.to(dev), bt, S, W, scale
     )
     torch.cuda.synchronize()
-    assert not torch.isnan(out).any(), "unwritten output rows"
+    # The sink part from the kernel-written cache and sink queries, in float32.
+    o_s, lse_s = sink_part(q_sink.cpu(), kv_d.cpu(), block_table, positions, req_idx, S, W, scale)
+    return dict(
+        out=out.float().cpu(), out_ref=out_ref, kv=kv_d.float().cpu(), kv_ref=kv_ref,
+        window_out=window_out, window_lse=window_lse, sink_out=o_s, sink_lse=lse_s,
+        positions=positions, req_idx=req_idx, q_lens=q_lens, seq_lens=seq_lens,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@CASES
+def test_kernels_match_torch(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox):
+    """rope_and_cache and sink_attention_merge, given FlashAttention's window output and LSE."""
+    from attention_oracle import merge
+
+    r = _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox)
+    assert not torch.isnan(r["out"]).any(), "unwritten output rows"
     # The cache written by the kernel equals the reference cache (bf16/fp16 rounding of the same values).
-    cache_err = (kv_d.float().cpu() - kv_ref).abs().max().item()
-    assert cache_err < 0.05, cache_err
-    rel = ((out.float().cpu() - out_ref).norm() / out_ref.norm()).item()
-    print(f"dtype={dtype} S={S} W={W} hd={head_size} rel_err={rel:.2e}")
-    assert rel < (1e-2 if dtype == torch.bfloat16 else 2e-3), rel
+    cache_err = (r["kv"] - r["kv_ref"]).abs().max().item()
+    assert cache_err < (0.02 if dtype == torch.bfloat16 else 0.003), cache_err
+    expected = merge(r["window_out"], r["window_lse"], r["sink_out"], r["sink_lse"])
+    rel = ((r["out"] - expected).norm() / expected.norm()).item()
+    print(f"dtype={dtype} S={S} W={W} hd={head_size} merge rel_err={rel:.2e}")
+    # Only the final rounding of `out` to dtype (and float32 order of operations) separates the two.
+    assert rel < (4e-3 if dtype == torch.bfloat16 else 5e-4), rel
+
+
+@pytest.mark.gpu
+@CASES
+def test_cuda_path_matches_streamingllm(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox):
+    """The whole CUDA path, FlashAttention's window part included, against the StreamingLLM reference."""
+    r = _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox)
+    out, ref = r["out"], r["out_ref"]
+    rel = ((out - ref).norm() / ref.norm()).item()
+    print(f"dtype={dtype} S={S} W={W} hd={head_size} end-to-end rel_err={rel:.2e}")
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    row_err = (out - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))
+    bad = [
+        f"row {i} (request {int(r['req_idx'][i])}, position {int(r['positions'][i])}, "
+        f"query length {r['q_lens'][int(r['req_idx'][i])]}, context {r['seq_lens'][int(r['req_idx'][i])]}): "
+        f"{float(row_err[i]):.2e}"
+        for i in torch.nonzero(row_err > 5 * tol).flatten().tolist()
+    ]
+    assert rel < tol, f"rel_err {rel:.2e}; rows over {5 * tol:.0e}: {bad}"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Online serving load on one GPU host: `vllm serve` of the Llama-3-8B shape (dummy weights, the tiny local
-# tokenizer) with SINKS (S=4, W=4092) or stock FLASH_ATTN, then benchmarks/bench_serve.py: CHATS concurrent
-# multi-turn streaming chats for DURATION seconds, 20% dropped mid-stream. Run once per mode, same host.
-#   bash benchmarks/gpu/serve_load.sh sinks|dense OUTDIR [DURATION_S=240] [CHATS=256]
+# tokenizer) with SINKS (S=4, W=4092), stock FLASH_ATTN (dense), or stock FLASH_ATTN with every layer given a
+# 4096-token sliding window (sliding), then benchmarks/bench_serve.py: CHATS concurrent multi-turn streaming
+# chats for DURATION seconds, 20% dropped mid-stream. Run once per mode, same host.
+#   bash benchmarks/gpu/serve_load.sh sinks|dense|sliding OUTDIR [DURATION_S=240] [CHATS=256]
 # Writes OUTDIR/serve_MODE.json (bench_serve.py's result) and OUTDIR/server_MODE.log.
 # Environment: SHAPE (benchmarks/model_shapes.py), WINDOW, DTYPE, GPU_UTIL; e.g. a CPU check of the script:
 #   VLLM_CPU_KVCACHE_SPACE=1 SHAPE=tiny WINDOW=200 DTYPE=float32 GPU_UTIL=0.3 bash ... sinks /tmp/o 20 8
@@ -12,12 +13,14 @@ OUTDIR=$2
 DURATION=${3:-240}
 CHATS=${4:-256}
 VLLM=${VLLM:-python3 -m vllm.entrypoints.cli.main}  # the offline bundle has no `vllm` script
+SW=None
+[ "$MODE" = sliding ] && SW=$(( ${WINDOW:-4092} + 4 ))
 MODEL=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from model_shapes import model_dir; \
-print(model_dir('/tmp/vllm_sinks_models', '${SHAPE:-llama3-8b}'))")
+print(model_dir('/tmp/vllm_sinks_models', '${SHAPE:-llama3-8b}', sliding_window=$SW))")
 case $MODE in
   sinks) BACKEND=(--attention-backend SINKS --additional-config '{"sinks": {"sink_tokens": 4, "window_tokens": '"${WINDOW:-4092}"'}}') ;;
-  dense) BACKEND=(--attention-backend FLASH_ATTN) ;;
-  *) echo "MODE must be sinks or dense" >&2; exit 2 ;;
+  dense|sliding) BACKEND=(--attention-backend FLASH_ATTN) ;;
+  *) echo "MODE must be sinks, dense or sliding" >&2; exit 2 ;;
 esac
 mkdir -p "$OUTDIR"
 t0=$(date +%s)

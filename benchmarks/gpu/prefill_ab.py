@@ -1,0 +1,133 @@
+"""Prefill-shaped attention of one layer on a CUDA GPU: SINKS' kernels and stock vLLM's calls, side by side.
+
+The serving load (benchmarks/gpu/serve_load.sh) is prefill-bound, and SINKS' inter-token latency there was
+1.4x dense's. This times the attention work of one layer for a batch of prefill chunks (default: 4 requests x
+2,048 new tokens, at contexts under and over the window), Llama-3-8B attention shape:
+  dense_fa      FA3 causal, no window (stock FLASH_ATTN on a dense model)
+  sliding_fa    FA3 with window_size=[W, 0] (stock sliding window; SINKS' window part without LSE)
+  sinks_attn    FA3 window with LSE + sink_attention_merge (SINKS' attention)
+  merge_only    sink_attention_merge alone
+  rope_cache    rope_and_cache (SINKS: rotates q and k, writes k and v; stock does this in two kernels)
+  stock_cache   vLLM's reshape_and_cache_flash alone (stock's cache write, without its rotary kernel)
+    python3 benchmarks/gpu/prefill_ab.py --out $OUT/prefill_ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--contexts", default="3584,16384", help="context length of each request after its chunk")
+    p.add_argument("--window", type=int, default=4092)
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    from bench_kernel import _timed
+
+    rows = []
+    for ctx in [int(c) for c in a.contexts.split(",")]:
+        row = _bench(ctx, a, _timed)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    res = {
+        "benchmark": "prefill_attention_one_layer",
+        "device": torch.cuda.get_device_name(),
+        "requests": a.requests,
+        "chunk": a.chunk,
+        "window": a.window,
+        "sinks": a.sinks,
+        "rows": rows,
+        "date": datetime.date.today().isoformat(),
+        "command": "python3 benchmarks/gpu/prefill_ab.py " + " ".join(argv or sys.argv[1:]),
+    }
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def _bench(ctx: int, a, timed) -> dict:
+    from vllm import _custom_ops
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+
+    from vllm_sinks import ops_cuda
+
+    dev, dt = "cuda", torch.bfloat16
+    B, H, HK, D, W, S, R, c = 16, a.heads, a.kv_heads, a.head_dim, a.window, a.sinks, a.requests, a.chunk
+    assert ctx >= c, "each context must hold its chunk"
+    max_blocks = math.ceil(ctx / B)
+    num_blocks = R * max_blocks + 1
+    kv = torch.randn(2, num_blocks, B, HK, D, dtype=dt, device=dev)
+    kc, vc = kv.unbind(0)
+    bt = (torch.randperm(num_blocks - 1, device=dev).to(torch.int32) + 1)[: R * max_blocks].view(
+        R, max_blocks
+    )
+    n = R * c
+    q = torch.randn(n, H, D, dtype=dt, device=dev)
+    k = torch.randn(n, HK, D, dtype=dt, device=dev)
+    v = torch.randn(n, HK, D, dtype=dt, device=dev)
+    out = torch.empty(n, H, D, dtype=dt, device=dev)
+    qs = torch.empty_like(q)
+    cu = torch.arange(0, n + 1, c, dtype=torch.int32, device=dev)
+    seq = torch.full((R,), ctx, dtype=torch.int32, device=dev)
+    pos = torch.arange(ctx - c, ctx, device=dev).repeat(R)
+    req = torch.arange(R, dtype=torch.int32, device=dev).repeat_interleave(c)
+    slots = bt[req.long(), pos // B].long() * B + pos % B
+    cos = torch.rand(n, D // 2, device=dev)
+    sin = torch.rand(n, D // 2, device=dev)
+    fa_version = get_flash_attn_version(head_size=D)
+
+    def fa(window: list[int], lse: bool):
+        return flash_attn_varlen_func(
+            q=q, k=kc, v=vc, out=out, cu_seqlens_q=cu, max_seqlen_q=c, seqused_k=seq, max_seqlen_k=ctx,
+            softmax_scale=D**-0.5, causal=True, window_size=window, block_table=bt, return_softmax_lse=lse,
+            fa_version=fa_version,
+        )  # fmt: skip
+
+    def sinks_attn():
+        _, lse = fa([W, 0], True)
+        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
+
+    _, lse_fixed = fa([W, 0], True)
+    scale = torch.ones((), dtype=torch.float32, device=dev)
+    row = {
+        "context": ctx,
+        "tokens": n,
+        "dense_fa_ms": timed(lambda: fa([-1, -1], False)),
+        "sliding_fa_ms": timed(lambda: fa([W, 0], False)),
+        "sinks_attn_ms": timed(sinks_attn),
+        "merge_only_ms": timed(
+            lambda: ops_cuda.sink_attention_merge(qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)
+        ),
+        "rope_cache_ms": timed(
+            lambda: ops_cuda.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
+        ),
+        "stock_cache_ms": timed(
+            lambda: _custom_ops.reshape_and_cache_flash(k, v, kc, vc, slots, "auto", scale, scale)
+        ),
+    }
+    for key in [x for x in row if x.endswith("_ms")]:
+        row[key] = round(row[key], 4)
+    row["sinks_attn_over_sliding"] = round(row["sinks_attn_ms"] / row["sliding_fa_ms"], 3)
+    row["sinks_attn_over_dense"] = round(row["sinks_attn_ms"] / row["dense_fa_ms"], 3)
+    return row
+
+
+if __name__ == "__main__":
+    main()

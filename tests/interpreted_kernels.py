@@ -20,7 +20,9 @@ import torch  # noqa: E402
 from attention_oracle import window_attention  # noqa: E402
 
 
-def run_case(S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed) -> dict:
+def run_case(S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed, hpp=1, short=False) -> dict:
+    """hpp: sink_attention_merge's heads_per_program; short: every context <= W + 1, so no token reaches a
+    sink outside its window and the merge is not launched (max_seq_len passed as the backend does)."""
     from vllm_sinks import ops_cuda, ops_torch
     from vllm_sinks.rope import RotaryParams, apply_rotary
 
@@ -34,9 +36,13 @@ def run_case(S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed) ->
     # Mixed batch: decodes and prefill chunks, contexts from inside the first window to far past S + W.
     q_lens = [1 if i % 2 else int(torch.randint(2, 24, (1,), generator=g)) for i in range(num_reqs)]
     seq_lens = [q + int(torch.randint(0, 3 * (S + W), (1,), generator=g)) for q in q_lens]
-    q_lens.append(S + 6)  # a chunk across the boundary: positions W - 2 .. W + S + 3
-    seq_lens.append(W + S + 4)
-    num_reqs += 1
+    if short:
+        seq_lens = [min(s, W + 1) for s in seq_lens]
+        q_lens = [min(q, s) for q, s in zip(q_lens, seq_lens, strict=True)]
+    else:
+        q_lens.append(S + 6)  # a chunk across the boundary: positions W - 2 .. W + S + 3
+        seq_lens.append(W + S + 4)
+        num_reqs += 1
     max_blocks = max(math.ceil(s / B) for s in seq_lens)
     num_blocks = num_reqs * max_blocks + 1
     perm = torch.randperm(num_blocks - 1, generator=g) + 1
@@ -70,9 +76,12 @@ def run_case(S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed) ->
     ops_cuda.rope_and_cache(q_k, k, v, q_sink, kc, vc, slots, cw, sw, cs, ss, rotary_dim, neox)
     out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, W, scale)
     out = out_w.to(dtype)
-    ops_cuda.sink_attention_merge(q_sink, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale)
+    ops_cuda.sink_attention_merge(
+        q_sink, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale, max(seq_lens), hpp
+    )
     return {
         "S": S, "W": W, "head_size": head_size, "heads": heads, "kv_heads": kv_heads, "dtype": str(dtype),
+        "heads_per_program": hpp, "short": short,
         "tokens": n, "merged_tokens": int(((positions - W).clamp(min=0) > 0).sum()) if S else 0,
         "cache_err": (kv.float() - kv_ref).abs().max().item(),
         "rel_err": ((out.float() - out_ref).norm() / out_ref.norm()).item(),
@@ -90,5 +99,10 @@ CASES = [
 if __name__ == "__main__":
     dtypes = [getattr(torch, d) for d in (sys.argv[1:] or ["float32", "float16"])]
     for i, case in enumerate(CASES):
+        group = case[3] // case[4]
         for dtype in dtypes:
             print(json.dumps(run_case(*case, dtype, seed=1000 + i)), flush=True)
+            if group > 1:  # a KV head's query heads in one program (the largest power of two dividing H/HK)
+                print(json.dumps(run_case(*case, dtype, seed=1000 + i, hpp=group & -group)), flush=True)
+    for dtype in dtypes:
+        print(json.dumps(run_case(*CASES[0], dtype, seed=999, short=True)), flush=True)

@@ -99,11 +99,11 @@ def make_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox, seed: i
     )  # fmt: skip
 
 
-def rope_and_cache_on_device(c: dict) -> dict:
-    """The case's tensors on the GPU after ops_cuda.rope_and_cache (q rotated in place, K/V cached)."""
+def rope_and_cache_on_device(c: dict, dev: str = "cuda") -> dict:
+    """The case's tensors on `dev` after ops_cuda.rope_and_cache (q rotated in place, K/V cached); "cpu"
+    needs Triton's interpreter (TRITON_INTERPRET=1 before the first import of vllm_sinks.ops_cuda)."""
     from vllm_sinks import ops_cuda
 
-    dev = "cuda"
     d = dict(q=c["q"].to(dev), kv=c["kv"].to(dev), bt=c["block_table"].to(dev))
     d["q_sink"] = torch.empty_like(d["q"])
     d["kc"], d["vc"] = d["kv"].unbind(0)
@@ -130,7 +130,7 @@ def fa_window(c: dict, d: dict, out: torch.Tensor, kc=None, vc=None, **kw) -> to
     return res[1]
 
 
-def _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox) -> dict:
+def _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox, heads_per_program: int = 1) -> dict:
     """One mixed batch through the CUDA path and the float32 reference; returns both and their parts."""
     from attention_oracle import sink_part
 
@@ -144,7 +144,7 @@ def _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox) -> dict
     window_out, window_lse = out.float().cpu(), lse.float().cpu()[:, : c["n"]]
     ops_cuda.sink_attention_merge(
         d["q_sink"], d["kc"], d["vc"], out, lse, c["positions"].to("cuda"), c["req_idx"].to("cuda"), d["bt"],
-        S, W, c["scale"],
+        S, W, c["scale"], max(c["seq_lens"]), heads_per_program,
     )  # fmt: skip
     torch.cuda.synchronize()
     # The sink part from the kernel-written cache and sink queries, in float32.
@@ -159,11 +159,15 @@ def _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox) -> dict
 
 @pytest.mark.gpu
 @CASES
-def test_kernels_match_torch(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox):
-    """rope_and_cache and sink_attention_merge, given FlashAttention's window output and LSE."""
+@pytest.mark.parametrize("grouped", [False, True], ids=["head_per_program", "group_per_program"])
+def test_kernels_match_torch(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox, grouped):
+    """rope_and_cache and sink_attention_merge (one query head per program, or all heads of a KV head),
+    given FlashAttention's window output and LSE."""
     from attention_oracle import merge
 
-    r = _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox)
+    group = heads // kv_heads
+    hpp = group & -group if grouped else 1  # the largest power of two dividing the group
+    r = _run_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox, hpp)
     assert not torch.isnan(r["out"]).any(), "unwritten output rows"
     # The cache written by the kernel equals the reference cache (bf16/fp16 rounding of the same values).
     cache_err = (r["kv_dev"] - r["kv_ref"]).abs().max().item()

@@ -21,7 +21,11 @@ def test_triton_kernels_match_torch_in_the_interpreter():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 8
+    # 4 cases x 2 dtypes, again with a KV head's group of heads per program for the 3 GQA cases, and a
+    # batch with no context past W + 1 (merge not launched).
+    assert len(rows) == 8 + 6 + 2, proc.stdout[-2000:]
+    assert {r["heads_per_program"] for r in rows} == {1, 2, 4, 8}
+    assert all(r["merged_tokens"] == 0 for r in rows if r["short"])
     for row in rows:
         print(row)
         fp32 = row["dtype"] == "torch.float32"

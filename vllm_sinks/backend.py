@@ -280,5 +280,5 @@ class SinksAttentionImpl(AttentionImpl[SinksMetadata]):
         )
         ops_cuda.sink_attention_merge(
             q_sink, key_cache, value_cache, out, lse, md.positions, md.req_indices, fa.block_table,
-            self.sinks.sink_tokens, self.sinks.window_tokens, self.scale,
+            self.sinks.sink_tokens, self.sinks.window_tokens, self.scale, fa.max_seq_len,
         )  # fmt: skip

@@ -116,16 +116,18 @@ def rope_and_cache(
 def _sink_merge_kernel(
     qs_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, pos_ptr, req_ptr, bt_ptr,
     qs_st, qs_sh, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh, lse_st, bt_sr,
-    scale, S: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    scale, S: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
+    """Program (t, g): token t, query heads [g * HPP, (g + 1) * HPP); they share a KV head (HPP | GROUP)."""
     t = tl.program_id(0)
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * HPP
     pos = tl.load(pos_ptr + t)
     n_valid = tl.minimum(pos - W, S)
     if n_valid > 0:
         r = tl.load(req_ptr + t)
-        hk = h // GROUP
+        hk = h0 // GROUP
+        hh = h0 + tl.arange(0, HPP)
         d = tl.arange(0, BD)
         j = tl.arange(0, BS)
         dmask = d < D
@@ -135,25 +137,27 @@ def _sink_merge_kernel(
         m2 = jmask[:, None] & dmask[None, :]
         k = tl.load(
             kc_ptr + blk[:, None] * kc_sb + off[:, None] * kc_so + hk * kc_sh + d[None, :], mask=m2, other=0.0
-        )
+        ).to(tl.float32)  # [BS, BD]
         v = tl.load(
             vc_ptr + blk[:, None] * vc_sb + off[:, None] * vc_so + hk * vc_sh + d[None, :], mask=m2, other=0.0
-        )
-        q = tl.load(qs_ptr + t * qs_st + h * qs_sh + d, mask=dmask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * scale
-        scores = tl.where(jmask, scores, float("-inf"))
-        m_s = tl.max(scores, axis=0)
-        p = tl.exp(scores - m_s)
-        l_s = tl.sum(p, axis=0)
-        o_s = tl.sum(p[:, None] * v.to(tl.float32), axis=0) / l_s
+        ).to(tl.float32)
+        hd = hh[:, None] * qs_sh + d[None, :]
+        q = tl.load(qs_ptr + t * qs_st + hd, mask=dmask[None, :], other=0.0).to(tl.float32)  # [HPP, BD]
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [HPP, BS]
+        scores = tl.where(jmask[None, :], scores, float("-inf"))
+        m_s = tl.max(scores, axis=1)
+        p = tl.exp(scores - m_s[:, None])
+        l_s = tl.sum(p, axis=1)
+        o_s = tl.sum(p[:, :, None] * v[None, :, :], axis=1) / l_s[:, None]  # [HPP, BD]
         lse_s = m_s + tl.log(l_s)
-        lse_w = tl.load(lse_ptr + h * lse_sh + t * lse_st)
-        o_w = tl.load(out_ptr + t * out_st + h * out_sh + d, mask=dmask, other=0.0).to(tl.float32)
+        lse_w = tl.load(lse_ptr + hh * lse_sh + t * lse_st)
+        od = t * out_st + hh[:, None] * out_sh + d[None, :]
+        o_w = tl.load(out_ptr + od, mask=dmask[None, :], other=0.0).to(tl.float32)
         m = tl.maximum(lse_w, lse_s)
         a = tl.exp(lse_w - m)
         b = tl.exp(lse_s - m)
-        o = (a * o_w + b * o_s) / (a + b)
-        tl.store(out_ptr + t * out_st + h * out_sh + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
+        o = (a[:, None] * o_w + b[:, None] * o_s) / (a + b)[:, None]
+        tl.store(out_ptr + od, o.to(out_ptr.dtype.element_ty), mask=dmask[None, :])
 
 
 def sink_attention_merge(
@@ -168,21 +172,34 @@ def sink_attention_merge(
     sink_tokens: int,
     window_tokens: int,
     scale: float,
+    max_seq_len: int | None = None,
+    heads_per_program: int = 1,
 ) -> None:
     """Adds the sink part to `out` ([n, H, D], the window attention) in place, using the window's
     log-sum-exp `window_lse` ([H, n], FlashAttention's layout). Tokens with no sink outside their window
-    are left as they are."""
+    are left as they are. `max_seq_len` (host int, the step's longest context): when no token can reach
+    past its window, nothing is launched, except while a CUDA graph is captured (the graph is replayed with
+    longer contexts). `heads_per_program`: query heads of one KV head per program, a power of two dividing
+    H / HK; more means fewer programs and one load of each sink key for prefill-sized steps. The default 1
+    is the path checked on a GPU (README, Limitations)."""
     n, num_heads, head_size = q_sink.shape
     if n == 0 or sink_tokens == 0:
         return
+    no_sink_reached = max_seq_len is not None and max_seq_len - 1 <= window_tokens
+    if no_sink_reached and not (q_sink.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
     num_kv_heads = key_cache.shape[2]
-    _sink_merge_kernel[(n, num_heads)](
+    group = num_heads // num_kv_heads
+    hpp = heads_per_program
+    if hpp < 1 or hpp & (hpp - 1) or group % hpp:
+        raise ValueError(f"heads_per_program={hpp}: use a power of two that divides H / HK = {group}")
+    _sink_merge_kernel[(n, num_heads // hpp)](
         q_sink, key_cache, value_cache, out, window_lse, positions, req_indices, block_table,
         q_sink.stride(0), q_sink.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         out.stride(0), out.stride(1), window_lse.stride(0), window_lse.stride(1), block_table.stride(0),
-        scale, S=sink_tokens, W=window_tokens, GROUP=num_heads // num_kv_heads, D=head_size,
-        BLOCK_SIZE=key_cache.shape[1], BS=max(16, triton.next_power_of_2(sink_tokens)),
+        scale, S=sink_tokens, W=window_tokens, GROUP=group, HPP=hpp, D=head_size,
+        BLOCK_SIZE=key_cache.shape[1], BS=max(2, triton.next_power_of_2(sink_tokens)),
         BD=triton.next_power_of_2(head_size),
     )  # fmt: skip

@@ -5,8 +5,11 @@ The serving load (benchmarks/gpu/serve_load.sh) is prefill-bound, and SINKS' int
 2,048 new tokens, at contexts under and over the window), Llama-3-8B attention shape:
   dense_fa      FA3 causal, no window (stock FLASH_ATTN on a dense model)
   sliding_fa    FA3 with window_size=[W, 0] (stock sliding window; SINKS' window part without LSE)
-  sinks_attn    FA3 window with LSE + sink_attention_merge (SINKS' attention)
-  merge_only    sink_attention_merge alone
+  sinks_attn    FA3 window with LSE + sink_attention_merge (SINKS' attention); the merge is skipped when no
+                token reaches a sink outside its window (context <= W + 1), as in the backend
+  merge_only    sink_attention_merge alone, always launched (as under CUDA-graph capture), one head per
+                program (the default)
+  merge_grouped the same with all query heads of a KV head in one program (heads_per_program=H/HK)
   rope_cache    rope_and_cache (SINKS: rotates q and k, writes k and v; stock does this in two kernels)
   stock_cache   vLLM's reshape_and_cache_flash alone (stock's cache write, without its rotary kernel)
     python3 benchmarks/gpu/prefill_ab.py --out $OUT/prefill_ab.json
@@ -102,7 +105,7 @@ def _bench(ctx: int, a, timed) -> dict:
 
     def sinks_attn():
         _, lse = fa([W, 0], True)
-        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
+        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, ctx)
 
     _, lse_fixed = fa([W, 0], True)
     scale = torch.ones((), dtype=torch.float32, device=dev)
@@ -114,6 +117,11 @@ def _bench(ctx: int, a, timed) -> dict:
         "sinks_attn_ms": timed(sinks_attn),
         "merge_only_ms": timed(
             lambda: ops_cuda.sink_attention_merge(qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)
+        ),
+        "merge_grouped_ms": timed(
+            lambda: ops_cuda.sink_attention_merge(
+                qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5, None, (H // HK) & -(H // HK)
+            )
         ),
         "rope_cache_ms": timed(
             lambda: ops_cuda.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)

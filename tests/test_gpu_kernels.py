@@ -99,11 +99,11 @@ def make_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox, seed: i
     )  # fmt: skip
 
 
-def rope_and_cache_on_device(c: dict, dev: str = "cuda") -> dict:
-    """The case's tensors on `dev` after ops_cuda.rope_and_cache (q rotated in place, K/V cached); "cpu"
-    needs Triton's interpreter (TRITON_INTERPRET=1 before the first import of vllm_sinks.ops_cuda)."""
+def rope_and_cache_on_device(c: dict) -> dict:
+    """The case's tensors on the GPU after ops_cuda.rope_and_cache (q rotated in place, K/V cached)."""
     from vllm_sinks import ops_cuda
 
+    dev = "cuda"
     d = dict(q=c["q"].to(dev), kv=c["kv"].to(dev), bt=c["block_table"].to(dev))
     d["q_sink"] = torch.empty_like(d["q"])
     d["kc"], d["vc"] = d["kv"].unbind(0)

@@ -53,7 +53,7 @@ def case(seed: int, dtype, S: int, W: int, hs: int, heads: int, kvh: int, rd: in
         try:  # a variant this build lacks fails below
             fa_window(c, d, o, **kw)
             torch.cuda.synchronize()
-        except (RuntimeError, NotImplementedError, AssertionError, AttributeError) as e:
+        except (RuntimeError, AssertionError, AttributeError) as e:  # FA2 absent: AttributeError
             print(f"variant {name} failed: {str(e)[:200]}")
             variants[name] = float("nan")
             continue

@@ -1,10 +1,15 @@
 """Engine start-up, SINKS vs stock, like for like: the same model shape and engine arguments as Workload A
 (bench_decode.py), each start in a fresh process, modes alternating on the same host.
 
-Round 0 warms the host's compile caches (torch.compile, Triton, CUDA graphs are captured every time) and is
-reported but not counted; the comparison is the median over the later rounds of the time LLM(...) takes to
-return (weights, profiling, KV-cache allocation, compilation, CUDA-graph capture).
-    python benchmarks/bench_startup.py --modes dense,sinks --rounds 3 --out benchmarks/results/startup.json
+The comparison is the median over the counted rounds of the time LLM(...) takes to return (weights,
+profiling, KV-cache allocation, compilation, CUDA-graph capture, kernel warm-up), with every cache warm: the
+first --warmup-rounds rounds are reported but not counted. Two are needed: round 0 compiles the model with
+torch.compile (its Triton kernels go to Inductor's cache), and round 1, the first start that loads the
+compiled model, still JIT-compiles the Triton kernels of vLLM's model runner and sampler (about 25, 8-10 s on
+an H100) into TRITON_CACHE_DIR, which vLLM leaves unset on that path (~/.triton/cache). Each mode gets its
+own TRITON_CACHE_DIR under --triton-cache-root, so one mode's round never warms the other's kernels (with a
+shared cache, whichever mode started first in round 1 paid for both).
+    python benchmarks/bench_startup.py --modes dense,sinks --rounds 4 --out benchmarks/results/startup.json
 CPU smoke (CI): --shape tiny --rounds 1 --warmup-rounds 0 --enforce-eager --prompt-len 64 --streams 2
     --window-tokens 40
 """
@@ -26,8 +31,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="dense,sinks", help="bench_decode.py modes; the first is the baseline")
-    p.add_argument("--rounds", type=int, default=3, help="rounds in all, warm-up rounds included")
-    p.add_argument("--warmup-rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=4, help="rounds in all, warm-up rounds included")
+    p.add_argument("--warmup-rounds", type=int, default=2)
+    p.add_argument(
+        "--triton-cache-root",
+        default=None,
+        help="TRITON_CACHE_DIR of mode M is ROOT/M (default: a new temporary folder, so round 0 starts "
+        "cold); reuse a root to continue an earlier invocation's warm-up",
+    )
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=8192)
@@ -38,6 +49,10 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     modes = a.modes.split(",")
+    if a.triton_cache_root is None:
+        import tempfile
+
+        a.triton_cache_root = tempfile.mkdtemp(prefix="bench_startup_triton_")
     starts: list[dict] = []
     for rnd in range(a.rounds):
         for mode in modes if rnd % 2 == 0 else modes[::-1]:
@@ -52,6 +67,8 @@ def main(argv=None) -> dict:
         "streams": a.streams,
         "prompt_len": a.prompt_len,
         "enforce_eager": a.enforce_eager,
+        "warmup_rounds": a.warmup_rounds,
+        "triton_cache": "one TRITON_CACHE_DIR per mode",
         "median_startup_s": median,
         "ratio_to_" + base: {m: round(median[m] / median[base], 3) for m in median if base in median},
         "starts": starts,
@@ -77,8 +94,9 @@ def _start(mode: str, a) -> dict:
                "--sink-tokens", str(a.sink_tokens), "--window-tokens", str(a.window_tokens),
                "--model-root", a.model_root, "--out", out]  # fmt: skip
         cmd += ["--enforce-eager"] if a.enforce_eager else []
+        env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(a.triton_cache_root, mode))
         t = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
         wall = time.perf_counter() - t
         with open(out) as f:
             res = json.load(f)

@@ -112,7 +112,13 @@ def rope_and_cache(
     )  # fmt: skip
 
 
-@triton.jit
+# Steps of at least this many tokens merge all query heads of a KV head in one program.
+GROUPED_MIN_TOKENS = 512
+
+
+# The LSE's head stride is the step's token count: unspecialized, so one binary serves every batch size
+# (not three, for 1, multiples of 16 and the rest, each a JIT compile and launcher build at start-up).
+@triton.jit(do_not_specialize=["lse_sh"])
 def _sink_merge_kernel(
     qs_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, pos_ptr, req_ptr, bt_ptr,
     qs_st, qs_sh, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh, lse_st, bt_sr,
@@ -173,15 +179,15 @@ def sink_attention_merge(
     window_tokens: int,
     scale: float,
     max_seq_len: int | None = None,
-    heads_per_program: int = 1,
+    heads_per_program: int | None = None,
 ) -> None:
     """Adds the sink part to `out` ([n, H, D], the window attention) in place, using the window's
     log-sum-exp `window_lse` ([H, n], FlashAttention's layout). Tokens with no sink outside their window
     are left as they are. `max_seq_len` (host int, the step's longest context): when no token can reach
     past its window, nothing is launched, except while a CUDA graph is captured (the graph is replayed with
     longer contexts). `heads_per_program`: query heads of one KV head per program, a power of two dividing
-    H / HK; more means fewer programs and one load of each sink key for prefill-sized steps. The default 1
-    is the path checked on a GPU (README, Limitations)."""
+    H / HK; more means fewer programs and one load of each sink key. None: the whole group (up to 8) for
+    prefill-sized steps (>= GROUPED_MIN_TOKENS tokens), one head per program for decode-sized ones."""
     n, num_heads, head_size = q_sink.shape
     if n == 0 or sink_tokens == 0:
         return
@@ -191,6 +197,8 @@ def sink_attention_merge(
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     hpp = heads_per_program
+    if hpp is None:
+        hpp = min(group & -group, 8) if n >= GROUPED_MIN_TOKENS else 1
     if hpp < 1 or hpp & (hpp - 1) or group % hpp:
         raise ValueError(f"heads_per_program={hpp}: use a power of two that divides H / HK = {group}")
     _sink_merge_kernel[(n, num_heads // hpp)](

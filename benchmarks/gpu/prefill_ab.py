@@ -5,10 +5,11 @@ The serving load (benchmarks/gpu/serve_load.sh) is prefill-bound, and SINKS' int
 2,048 new tokens, at contexts under and over the window), Llama-3-8B attention shape:
   dense_fa      FA3 causal, no window (stock FLASH_ATTN on a dense model)
   sliding_fa    FA3 with window_size=[W, 0] (stock sliding window; SINKS' window part without LSE)
-  sinks_attn    FA3 window with LSE + sink_attention_merge (SINKS' attention); the merge is skipped when no
-                token reaches a sink outside its window (context <= W + 1), as in the backend
+  sinks_attn    FA3 window with LSE + sink_attention_merge (SINKS' attention, as the backend calls it: the
+                merge is skipped when no token reaches a sink outside its window, context <= W + 1, and its
+                program layout is the default for the step's size)
   merge_only    sink_attention_merge alone, always launched (as under CUDA-graph capture), one head per
-                program (the default)
+                program
   merge_grouped the same with all query heads of a KV head in one program (heads_per_program=H/HK)
   rope_cache    rope_and_cache (SINKS: rotates q and k, writes k and v; stock does this in two kernels)
   stock_cache   vLLM's reshape_and_cache_flash alone (stock's cache write, without its rotary kernel)
@@ -116,7 +117,9 @@ def _bench(ctx: int, a, timed) -> dict:
         "sliding_fa_ms": timed(lambda: fa([W, 0], False)),
         "sinks_attn_ms": timed(sinks_attn),
         "merge_only_ms": timed(
-            lambda: ops_cuda.sink_attention_merge(qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)
+            lambda: ops_cuda.sink_attention_merge(
+                qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5, None, 1
+            )
         ),
         "merge_grouped_ms": timed(
             lambda: ops_cuda.sink_attention_merge(

@@ -3,13 +3,13 @@
 
 The comparison is the median over the counted rounds of the time LLM(...) takes to return (weights,
 profiling, KV-cache allocation, compilation, CUDA-graph capture, kernel warm-up), with every cache warm: the
-first --warmup-rounds rounds are reported but not counted. Two are needed: round 0 compiles the model with
-torch.compile (its Triton kernels go to Inductor's cache), and round 1, the first start that loads the
-compiled model, still JIT-compiles the Triton kernels of vLLM's model runner and sampler (about 25, 8-10 s on
-an H100) into TRITON_CACHE_DIR, which vLLM leaves unset on that path (~/.triton/cache). Each mode gets its
-own TRITON_CACHE_DIR under --triton-cache-root, so one mode's round never warms the other's kernels (with a
-shared cache, whichever mode started first in round 1 paid for both).
-    python benchmarks/bench_startup.py --modes dense,sinks --rounds 4 --out benchmarks/results/startup.json
+first --warmup-rounds rounds (torch.compile, FlashInfer's JIT, Triton's JIT) are reported but not counted.
+Each mode gets its own TRITON_CACHE_DIR under --triton-cache-root. Without that, vLLM's model-runner and
+sampler kernels (about 25 Triton JIT compilations, 8-10 s on an H100, for any backend) land in Inductor's
+cache of the compiled model on the start that compiles it, and in ~/.triton/cache on the next start, which
+loads the compiled model: that second start compiles them again, and in a shared cache whichever mode started
+first in round 1 paid for both (SINKS measured 1.24x stock that way, 2026-11-23).
+    python benchmarks/bench_startup.py --modes dense,sinks --rounds 3 --out benchmarks/results/startup.json
 CPU smoke (CI): --shape tiny --rounds 1 --warmup-rounds 0 --enforce-eager --prompt-len 64 --streams 2
     --window-tokens 40
 """
@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="dense,sinks", help="bench_decode.py modes; the first is the baseline")
-    p.add_argument("--rounds", type=int, default=4, help="rounds in all, warm-up rounds included")
-    p.add_argument("--warmup-rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="rounds in all, warm-up rounds included")
+    p.add_argument("--warmup-rounds", type=int, default=1)
     p.add_argument(
         "--triton-cache-root",
         default=None,

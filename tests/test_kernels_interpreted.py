@@ -33,3 +33,13 @@ def test_triton_kernels_match_torch_in_the_interpreter():
         assert row["rel_err"] < (1e-5 if fp32 else 2e-3), row
     # The sink merge was exercised: some tokens lie past S + W with S > 0.
     assert sum(r["merged_tokens"] for r in rows if r["S"] > 0) > 20
+
+
+def test_merge_layout_default():
+    """Decode-sized steps keep one query head per program; prefill-sized steps group the query heads of a KV
+    head, as many as the largest power of two dividing the group (<= 8), which the kernel requires."""
+    from vllm_sinks.ops_cuda import GROUPED_MIN_TOKENS, merge_heads_per_program
+
+    assert merge_heads_per_program(GROUPED_MIN_TOKENS - 1, 4) == 1
+    groups = (1, 2, 4, 6, 7, 8, 16)
+    assert [merge_heads_per_program(GROUPED_MIN_TOKENS, g) for g in groups] == [1, 2, 4, 2, 1, 8, 8]

@@ -118,8 +118,8 @@ GROUPED_MIN_TOKENS = 512
 
 def merge_heads_per_program(num_tokens: int, group: int) -> int:
     """sink_attention_merge's default layout: for prefill-sized steps the largest power of two dividing the
-    GQA group (at most 8), so each sink key is loaded once per KV head (4x faster than one head per program
-    for 8,192 tokens at GQA 32/8 on an H100); one query head per program for decode-sized steps."""
+    GQA group (at most 8), so each sink key is loaded once per KV head (8,192 tokens at 16k context, GQA
+    32/8, H100: 0.30 ms vs 0.43 ms with one head per program); one head per program for decode-sized steps."""
     return min(group & -group, 8) if num_tokens >= GROUPED_MIN_TOKENS else 1
 
 
@@ -193,8 +193,7 @@ def sink_attention_merge(
     are left as they are. `max_seq_len` (host int, the step's longest context): when no token can reach
     past its window, nothing is launched, except while a CUDA graph is captured (the graph is replayed with
     longer contexts). `heads_per_program`: query heads of one KV head per program, a power of two dividing
-    H / HK; more means fewer programs and one load of each sink key. None: the whole group (up to 8) for
-    prefill-sized steps (>= GROUPED_MIN_TOKENS tokens), one head per program for decode-sized ones."""
+    H / HK; more means fewer programs and one load of each sink key (None: merge_heads_per_program)."""
     n, num_heads, head_size = q_sink.shape
     if n == 0 or sink_tokens == 0:
         return

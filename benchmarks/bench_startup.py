@@ -20,9 +20,11 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,8 +38,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--triton-cache-root",
         default=None,
-        help="TRITON_CACHE_DIR of mode M is ROOT/M (default: a new temporary folder, so round 0 starts "
-        "cold); reuse a root to continue an earlier invocation's warm-up",
+        help="TRITON_CACHE_DIR of mode M is ROOT/M (default: a temporary folder, removed at the end; round 0 "
+        "starts cold); reuse a root to continue an earlier invocation's warm-up",
     )
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--streams", type=int, default=64)
@@ -49,15 +51,18 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     modes = a.modes.split(",")
-    if a.triton_cache_root is None:
-        import tempfile
-
+    own_root = a.triton_cache_root is None
+    if own_root:
         a.triton_cache_root = tempfile.mkdtemp(prefix="bench_startup_triton_")
     starts: list[dict] = []
-    for rnd in range(a.rounds):
-        for mode in modes if rnd % 2 == 0 else modes[::-1]:
-            starts.append(dict(round=rnd, mode=mode, warmup=rnd < a.warmup_rounds, **_start(mode, a)))
-            print(json.dumps(starts[-1]), flush=True)
+    try:
+        for rnd in range(a.rounds):
+            for mode in modes if rnd % 2 == 0 else modes[::-1]:
+                starts.append(dict(round=rnd, mode=mode, warmup=rnd < a.warmup_rounds, **_start(mode, a)))
+                print(json.dumps(starts[-1]), flush=True)
+    finally:
+        if own_root:
+            shutil.rmtree(a.triton_cache_root, ignore_errors=True)
     counted = {m: [s["startup_s"] for s in starts if s["mode"] == m and not s["warmup"]] for m in modes}
     median = {m: round(statistics.median(v), 2) for m, v in counted.items() if v}
     base = modes[0]
@@ -85,8 +90,6 @@ def main(argv=None) -> dict:
 
 def _start(mode: str, a) -> dict:
     """One engine start in a fresh process (bench_decode.py --startup-only): startup_s and process wall."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "start.json")
         cmd = [sys.executable, os.path.join(HERE, "bench_decode.py"), "--mode", mode, "--startup-only",

@@ -150,6 +150,29 @@ def register_kv_cache_spec() -> None:
     KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)
 
 
+def _patch_eviction_order() -> None:
+    """vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.__init__ builds the BlockPool with vLLM's LRU
+    free-block queue; with SINKS layers the pool gets vllm_sinks.eviction.TieredFreeBlockQueue instead
+    (same list, dead blocks evicted before any resumable state), so paused chats keep their state."""
+    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+
+    from vllm_sinks.eviction import TieredFreeBlockQueue
+    from vllm_sinks.kv_cache import SinkWindowManager
+
+    original = KVCacheCoordinator.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        pool = self.block_pool
+        if any(isinstance(m, SinkWindowManager) for m in self.single_type_managers) and not isinstance(
+            pool.free_block_queue, TieredFreeBlockQueue
+        ):
+            pool.free_block_queue = TieredFreeBlockQueue(pool.free_block_queue, pool.num_gpu_blocks)
+
+    KVCacheCoordinator.__init__ = __init__
+
+
 # --- 4. rotary positions ------------------------------------------------------------------------------------
 def bind_rotary(model: torch.nn.Module) -> int:
     """Hands each SINKS attention layer its model's rotary parameters and replaces the model's rotary
@@ -405,6 +428,7 @@ def apply_patches() -> None:
     register_kv_cache_spec()
     _patch_cpu_platform()
     _patch_attention_kv_cache_spec()
+    _patch_eviction_order()
     _patch_model_loader()
     _patch_engine_config()
     _patch_max_model_len()

@@ -9,7 +9,11 @@ A stream's logical blocks are [sink blocks][freed middle: null blocks][window bl
   that same bound sizes the pool (`max_memory_usage_bytes`) and caps admission.
 
 Prefix caching: a prompt hits the cache when its sink blocks and the `ceil(W / B)` blocks before the hit
-point are cached; middle blocks need not be (they are nulls in the returned hit).
+point are cached; middle blocks need not be (they are nulls in the returned hit). What a later request can
+hit is a stream's resumable state: its sink blocks and the blocks of its last W tokens when it ends (next
+turn), or of the W tokens before its prompt's end (a regenerate). A block that leaves the window outside
+both is dead and is marked so before it is freed: the pool reuses dead blocks before any resumable state
+(eviction.TieredFreeBlockQueue).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager, resolve_block_hashes
 from vllm.v1.kv_cache_interface import KVCacheSpec, SlidingWindowSpec
+
+from vllm_sinks.eviction import TieredFreeBlockQueue
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +92,14 @@ class SinkWindowManager(SlidingWindowManager):
     def _num_freeable_blocks(self, num_computed_tokens: int) -> int:
         """Blocks [0, n) lie wholly before the window of the next token; of those, [sinks, n) are freeable."""
         return self.get_num_skipped_tokens(num_computed_tokens) // self.block_size
+
+    def regenerate_blocks(self, num_prompt_tokens: int | None) -> range:
+        """Indices of the blocks a resend of this prompt hits besides the sinks: the ceil(W/B) blocks before
+        the longest block-aligned hit vLLM looks for (the last prompt token is always recomputed)."""
+        if num_prompt_tokens is None:
+            return range(0)
+        end = (num_prompt_tokens - 1) // self.block_size
+        return range(max(0, end - cdiv(self.sliding_window - 1, self.block_size)), end)
 
     # -- allocation --------------------------------------------------------------------------------------
     def get_num_blocks_to_allocate(
@@ -156,6 +170,13 @@ class SinkWindowManager(SlidingWindowManager):
             if blocks[i].is_null:
                 break
             freed += 1
+        queue = self.block_pool.free_block_queue
+        if self.enable_caching and isinstance(queue, TieredFreeBlockQueue):
+            # Dead: outside the regenerate state, and released by this free (no other request holds it).
+            keep = self.regenerate_blocks(num_prompt_tokens)
+            queue.mark_dead(
+                blocks[i] for i in range(last - freed, last) if blocks[i].ref_cnt == 1 and i not in keep
+            )
         self._remove_blocks_in_range(request_id, first, last)
         self.num_window_freed_blocks += freed
         self._count(request_id, -freed)

@@ -1,0 +1,217 @@
+"""Paused chats: N chats with L-token histories take a turn together, pause, then each resends its whole
+history (previous prompt + reply) plus new tokens. A chat "resumes" when the prefix cache still holds its
+resumable state (sink blocks + the blocks of its last W tokens), so turn 2 computes only its new tokens;
+otherwise it re-prefills its entire history.
+
+Reported per run: chats resumed in turn 2 (vLLM's per-request cached-token count), turn times, prompt tokens
+computed vs served from the cache, preemptions, and where the resumable states went: how many states were
+still whole in the cache right after turn 1 and right before turn 2 (state blocks still carrying their hash).
+Right after turn 1 every chat also resends its turn-1 prompt unchanged (a "regenerate"), which must hit too:
+it needs the W tokens before the prompt's end, some of which left the window while the reply was decoded.
+    python benchmarks/bench_paused_chats.py --chats 32 --history 65536 --out ...          # H100, 8B shape
+    python benchmarks/bench_paused_chats.py --shape tiny --chats 32 --history 4096 --window-tokens 252 \
+        --num-gpu-blocks 3000                                                               # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["sinks", "sliding", "dense"], default="sinks")
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--chats", type=int, default=32)
+    p.add_argument("--history", type=int, default=65536, help="turn-1 prompt tokens per chat")
+    p.add_argument("--gen", type=int, default=64, help="reply tokens per turn")
+    p.add_argument("--new-tokens", type=int, default=200, help="new user tokens in turn 2")
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--window-tokens", type=int, default=4092)
+    p.add_argument("--sliding-window", type=int, default=4096)
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="force the KV pool size (blocks)")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="default: 16384 GPU, vLLM's on CPU"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-root", default=os.environ.get("TMPDIR", "/tmp") + "/vllm_sinks_models")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def build_llm(a):
+    from bench_endless import _on_gpu
+    from model_shapes import model_dir
+    from vllm import LLM
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the block pool is readable
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    path = model_dir(a.model_root, a.shape, sliding_window=a.sliding_window if a.mode == "sliding" else None)
+    on_gpu = _on_gpu()
+    kw = dict(
+        load_format="dummy",
+        enable_prefix_caching=True,
+        max_model_len=a.history + 2 * a.gen + a.new_tokens + 64,
+    )
+    if a.max_num_seqs:
+        kw["max_num_seqs"] = a.max_num_seqs
+    if a.max_num_batched_tokens or on_gpu:
+        kw["max_num_batched_tokens"] = a.max_num_batched_tokens or 16384
+    if a.num_gpu_blocks:
+        kw["num_gpu_blocks_override"] = a.num_gpu_blocks
+    if on_gpu:
+        kw.update(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization)
+    else:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        kw.update(dtype="float32", block_size=16, gpu_memory_utilization=0.3, enforce_eager=True)
+    if a.mode == "sinks":
+        kw.update(
+            attention_backend="SINKS",
+            additional_config={"sinks": {"sink_tokens": a.sink_tokens, "window_tokens": a.window_tokens}},
+        )
+    elif on_gpu:
+        kw.update(attention_backend="FLASH_ATTN")
+    return LLM(model=path, **kw), kw
+
+
+class StateTracker:
+    """Records each finished request's blocks (with their hashes) and counts later which are still cached.
+    Wraps each manager's pop_blocks_for_free (every free path goes through it) and the scheduler's
+    preemption, for the run (benchmark instrumentation only)."""
+
+    def __init__(self, scheduler) -> None:
+        self.manager = scheduler.kv_cache_manager
+        self.states: dict[str, list[tuple[object, object]]] = {}
+        self.preemptions = 0
+        original_preempt = scheduler._preempt_request
+        for manager in self.manager.coordinator.single_type_managers:
+            manager.pop_blocks_for_free = self._recording(manager.pop_blocks_for_free)
+
+        def preempt(request, timestamp):
+            self.preemptions += 1
+            return original_preempt(request, timestamp)
+
+        scheduler._preempt_request = preempt
+
+    def _recording(self, original):
+        def pop_blocks_for_free(request_id):
+            blocks = original(request_id)
+            self.states.setdefault(request_id, []).extend(
+                (b, b.block_hash) for b in blocks if b.block_hash is not None
+            )
+            return blocks
+
+        return pop_blocks_for_free
+
+    def whole(self, request_ids) -> int:
+        """States of these requests whose every recorded block still carries its hash (not evicted).
+        vLLM suffixes the ids it hands to the engine core ("<id>-<random>"), so match on the prefix."""
+        wanted = set(request_ids)
+        return sum(
+            1
+            for rid, blocks in self.states.items()
+            if rid.rsplit("-", 1)[0] in wanted and blocks and all(b.block_hash == h for b, h in blocks)
+        )
+
+
+def run_turn(llm, prompts, gen, tag):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True, detokenize=False)
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    return outs, wall
+
+
+def resumed(cached: int, reusable: int, block_size: int) -> bool:
+    """Everything reusable came from the cache but the last partial block (hits are whole blocks, and the
+    last prompt token is always recomputed)."""
+    return cached >= (reusable // block_size) * block_size - block_size
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    from bench_decode import _device
+
+    from vllm_sinks.introspection import scheduler_of
+
+    llm, kw = build_llm(a)
+    scheduler = scheduler_of(llm)
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    pool_blocks = scheduler.kv_cache_manager.block_pool.num_gpu_blocks
+    tracker = StateTracker(scheduler)
+    rng = random.Random(a.seed)
+    vocab = 380 if a.shape == "tiny" else 120_000
+    prompts1 = [[rng.randrange(3, vocab) for _ in range(a.history)] for _ in range(a.chats)]
+
+    outs1, wall1 = run_turn(llm, prompts1, a.gen, "turn1")
+    ids1 = [o.request_id for o in outs1]
+    whole_after_turn1 = tracker.whole(ids1)
+    # A regenerate right after the turn that filled the pool: the same prompts again.
+    outs_r, wall_r = run_turn(llm, prompts1, a.gen, "regenerate")
+    cached_r = [o.num_cached_tokens or 0 for o in outs_r]
+    resumed_r = sum(resumed(c, len(p), block_size) for c, p in zip(cached_r, prompts1, strict=True))
+    prompts2 = [
+        p + list(o.outputs[0].token_ids) + [rng.randrange(3, vocab) for _ in range(a.new_tokens)]
+        for p, o in zip(prompts1, outs1, strict=True)
+    ]
+    preempt_before = tracker.preemptions
+    outs2, wall2 = run_turn(llm, prompts2, a.gen, "turn2")
+    preempt_turn2 = tracker.preemptions - preempt_before
+    reusable2 = [len(p) + len(o.outputs[0].token_ids) for p, o in zip(prompts1, outs1, strict=True)]
+    cached2 = [o.num_cached_tokens or 0 for o in outs2]
+    resumed2 = sum(resumed(c, r, block_size) for c, r in zip(cached2, reusable2, strict=True))
+    ids2 = [o.request_id for o in outs2]
+    whole_after_turn2 = tracker.whole(ids2)
+    state_blocks = [len(v) for k, v in tracker.states.items() if k.rsplit("-", 1)[0] in set(ids1)]
+    result = {
+        "benchmark": "paused_chats",
+        "mode": a.mode,
+        "shape": a.shape,
+        "chats": a.chats,
+        "history_tokens": a.history,
+        "gen": a.gen,
+        "new_tokens": a.new_tokens,
+        "sink_tokens": a.sink_tokens if a.mode == "sinks" else None,
+        "window_tokens": a.window_tokens if a.mode == "sinks" else None,
+        "block_size": block_size,
+        "kv_pool_blocks": pool_blocks,
+        "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
+        "blocks_held_at_finish_per_chat": max(state_blocks, default=0),
+        "turn1_s": round(wall1, 2),
+        "states_whole_after_turn1": whole_after_turn1,
+        "regenerate_s": round(wall_r, 2),
+        "regenerate_resumed": resumed_r,
+        "turn2_s": round(wall2, 2),
+        "turn2_resumed": resumed2,
+        "turn2_prompt_tokens": sum(len(p) for p in prompts2),
+        "turn2_cached_tokens": sum(cached2),
+        "turn2_computed_tokens": sum(len(p) for p in prompts2) - sum(cached2),
+        "turn2_preemptions": preempt_turn2,
+        "states_whole_after_turn2": whole_after_turn2,
+        "preemptions_total": tracker.preemptions,
+        "device": _device(),
+        "date": datetime.date.today().isoformat(),
+        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+    }
+    print(json.dumps(result, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -20,9 +20,13 @@ import torch  # noqa: E402
 from attention_oracle import window_attention  # noqa: E402
 
 
-def run_case(S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed, hpp=1, short=False) -> dict:
-    """hpp: sink_attention_merge's heads_per_program; short: every context <= W + 1, so no token reaches a
-    sink outside its window and the merge is not launched (max_seq_len passed as the backend does)."""
+def run_case(
+    S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed, hpp=1, short=False, band_fa_window=None
+) -> dict:
+    """hpp: the merge kernel's heads_per_program; short: every context <= W + 1, so no token reaches a
+    sink outside its window and the merge is not launched (max_seq_len passed as the backend does).
+    band_fa_window: check band_sink_attention (the path of steps with prefill rows) instead, with FA's part
+    over [t - band_fa_window, t] (-1: no FA part, the kernel takes the whole window)."""
     from vllm_sinks import ops_cuda, ops_torch
     from vllm_sinks.rope import RotaryParams, apply_rotary
 
@@ -74,12 +78,26 @@ def run_case(S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed, hp
     q_sink = torch.empty_like(q_k)
     kc, vc = kv.unbind(0)
     ops_cuda.rope_and_cache(q_k, k, v, q_sink, kc, vc, slots, cw, sw, cs, ss, rotary_dim, neox)
-    out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, W, scale)
-    out = out_w.to(dtype)
-    ops_cuda.sink_attention_merge(
-        q_sink, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale, max(seq_lens), hpp
-    )
+    if band_fa_window is None:
+        out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, W, scale)
+        out = out_w.to(dtype)
+        ops_cuda.sink_attention_merge(
+            q_sink, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale, max(seq_lens), hpp
+        )
+    else:
+        lse = None
+        out = torch.full((n, heads, head_size), float("nan"), dtype=dtype)
+        if band_fa_window >= 0:
+            out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, band_fa_window, scale)
+            out = out_w.to(dtype)
+        tile_req, tile_start = ops_cuda.band_tiles(qsl, ops_cuda.BAND_ROWS // hpp)
+        ops_cuda.band_sink_attention(
+            q_k, q_sink, kc, vc, out, lse, positions, block_table, torch.tensor(qsl, dtype=torch.int32),
+            torch.tensor(tile_req, dtype=torch.int32), torch.tensor(tile_start, dtype=torch.int32),
+            S, W, band_fa_window, scale, hpp,
+        )  # fmt: skip
     return {
+        "kernel": "merge" if band_fa_window is None else "band", "fa_window": band_fa_window,
         "S": S, "W": W, "head_size": head_size, "heads": heads, "kv_heads": kv_heads, "dtype": str(dtype),
         "heads_per_program": hpp, "short": short,
         "tokens": n, "merged_tokens": int(((positions - W).clamp(min=0) > 0).sum()) if S else 0,
@@ -96,6 +114,10 @@ CASES = [
     (0, 40, 64, 4, 2, 64, True),
 ]
 
+# FA's window W' for the band cases, one per case above: what exact_fa_window gives for head size 128 where
+# it is below W (127 needs W >= 127), otherwise an arbitrary W' < W: the kernel is exact for any.
+BAND_FA_WINDOWS = [31, 15, 20, 39]
+
 if __name__ == "__main__":
     dtypes = [getattr(torch, d) for d in (sys.argv[1:] or ["float32", "float16"])]
     for i, case in enumerate(CASES):
@@ -106,3 +128,12 @@ if __name__ == "__main__":
                 print(json.dumps(run_case(*case, dtype, seed=1000 + i, hpp=group & -group)), flush=True)
     for dtype in dtypes:
         print(json.dumps(run_case(*CASES[0], dtype, seed=999, short=True)), flush=True)
+    # band_sink_attention: FA's part over an exact window W' < W (or none), the band and sinks here.
+    for i, (case, fa_window) in enumerate(zip(CASES, BAND_FA_WINDOWS, strict=True)):
+        group = case[3] // case[4]
+        for dtype in dtypes:
+            for hpp in sorted({1, group & -group}):
+                row = run_case(*case, dtype, seed=2000 + i, hpp=hpp, band_fa_window=fa_window)
+                print(json.dumps(row), flush=True)
+        if case[0]:  # and with no FA part at all (W below one FA key tile)
+            print(json.dumps(run_case(*case, dtypes[0], seed=3000 + i, band_fa_window=-1)), flush=True)

@@ -4,6 +4,7 @@
   ceil(S/B) + ceil((W + chunk)/B) + 1, and the pool gets every block back;
 * a stream of >= 20 x (S + W) tokens that crosses many block boundaries in decode equals the reference;
 * 64 concurrent streams of mixed lengths with random aborts and forced preemption: no block leaks.
+Admission under pressure, eviction order and paused chats: test_eviction.py, test_paused_chats.py.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def test_200k_token_stream_holds_bounded_blocks(engine):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from vllm_sinks.capacity import request_in_flight_tokens
     from vllm_sinks.config import SinksConfig
 
     llm, _ = engine
@@ -62,7 +64,7 @@ def test_200k_token_stream_holds_bounded_blocks(engine):
     pool = manager.block_pool
     free_before = pool.get_num_free_blocks()
     manager.max_held_blocks = 0
-    in_flight = llm.llm_engine.vllm_config.max_in_flight_tokens  # CHUNK per concurrent batch
+    in_flight = request_in_flight_tokens(llm.llm_engine.vllm_config)  # one prefill chunk per batch in flight
     bound = SinksConfig(S, W).max_blocks_per_request(B, in_flight)
     rng = random.Random(0)
     prompt = [rng.randrange(3, 380) for _ in range(197_000)]
@@ -119,9 +121,11 @@ def test_concurrent_streams_with_aborts_and_preemption_leak_nothing(engine):
 
     scheduler = scheduler_of(llm)
     free_before = pool.get_num_free_blocks()
-    # Force preemption: let only a few streams' worth of blocks be free.
+    # Only a few streams' worth of blocks free. Admission keeps free what admitted streams may still grow
+    # to, so preemption is forced by taking every free block away for a few steps now and then.
     keep = 140
     hogged = pool.get_new_blocks(free_before - keep)
+    squeezed: list = []
     preempted: set[str] = set()
     original = scheduler._preempt_request
 
@@ -151,6 +155,11 @@ def test_concurrent_streams_with_aborts_and_preemption_leak_nothing(engine):
                 if out.finished:
                     finished.add(out.request_id)
             steps += 1
+            if steps in (10, 60, 150):
+                squeezed += pool.get_new_blocks(pool.get_num_free_blocks())
+            elif steps in (30, 80, 170):
+                pool.free_blocks(squeezed)
+                squeezed = []
             if steps in (5, 40, 120):
                 batch = [r for r in to_abort if r not in finished][:6]
                 engine_.abort_request(batch)
@@ -158,7 +167,7 @@ def test_concurrent_streams_with_aborts_and_preemption_leak_nothing(engine):
             assert steps < 20_000
     finally:
         scheduler._preempt_request = original
-        pool.free_blocks(hogged)
+        pool.free_blocks(hogged + squeezed)
     print(f"{len(ids)} streams, {len(preempted)} preempted, {len(to_abort)} aborted in {steps} steps")
     assert preempted, "the test must force preemption"
     from vllm_sinks.introspection import block_stats

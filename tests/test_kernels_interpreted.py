@@ -21,11 +21,17 @@ def test_triton_kernels_match_torch_in_the_interpreter():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    # 4 cases x 2 dtypes, again with a KV head's group of heads per program for the 3 GQA cases, and a
-    # batch with no context past W + 1 (merge not launched).
-    assert len(rows) == 8 + 6 + 2, proc.stdout[-2000:]
-    assert {r["heads_per_program"] for r in rows} == {1, 2, 4, 8}
-    assert all(r["merged_tokens"] == 0 for r in rows if r["short"])
+    merge = [r for r in rows if r["kernel"] == "merge"]
+    band = [r for r in rows if r["kernel"] == "band"]
+    # sink_attention_merge: 4 cases x 2 dtypes, again with a KV head's group of heads per program for the 3
+    # GQA cases, and a batch with no context past W + 1 (merge not launched).
+    assert len(merge) == 8 + 6 + 2, proc.stdout[-2000:]
+    assert {r["heads_per_program"] for r in merge} == {1, 2, 4, 8}
+    assert all(r["merged_tokens"] == 0 for r in merge if r["short"])
+    # band_sink_attention: the same 4 cases with FA's part over a window W' < W, by dtype and layout, and
+    # 3 with no FA part.
+    assert len(band) == 8 + 6 + 3 and {r["fa_window"] for r in band} == {31, 15, 20, 39, -1}, band
+    assert {r["heads_per_program"] for r in band} == {1, 2, 4, 8}
     for row in rows:
         print(row)
         fp32 = row["dtype"] == "torch.float32"

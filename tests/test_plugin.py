@@ -48,7 +48,7 @@ def _engine_config(argv):
 
 
 def test_cli_parser_accepts_sinks_literally(model_dir):
-    from vllm_sinks.compat import BACKEND_PATH
+    from vllm_sinks.config import BACKEND_PATH
 
     path = model_dir()
     cfg = _engine_config(
@@ -147,7 +147,7 @@ def test_cpu_selection_validates_instead_of_falling_back():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    from vllm_sinks.compat import BACKEND_PATH
+    from vllm_sinks.config import BACKEND_PATH
 
     ok = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=16)
     assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["SINKS"], ok) == BACKEND_PATH

@@ -84,6 +84,12 @@ def test_metrics_endpoint_exports_sinks_metrics(server):
     bound = values["vllm_sinks:request_blocks_bound"]
     assert 0 < values["vllm_sinks:request_held_blocks_peak"] <= bound
     assert values["vllm_sinks:window_freed_blocks_total"] > 0
-    assert values["vllm_sinks:max_concurrent_streams"] >= 1
+    decode = values["vllm_sinks:decode_blocks_bound"]
+    assert 0 < decode <= bound
+    # The stated capacity, on /metrics and in the start-up log (test_many_chats.py checks it is enforced).
+    streams = values["vllm_sinks:max_concurrent_streams"]
+    assert streams >= values["vllm_sinks:max_concurrent_streams_cold"] >= 1
+    assert values["vllm_sinks:max_concurrent_prefills"] >= 1
     assert values["vllm_sinks:held_blocks"] == 0 and values["vllm_sinks:streams"] == 0  # all finished
-    assert "up to" in srv.log() and "concurrent streams of any length" in srv.log()
+    assert f"up to {int(streams)} streams decode at once" in srv.log()
+    assert f"a stream holds <= {int(decode)} KV blocks decoding, <= {int(bound)} prefilling" in srv.log()

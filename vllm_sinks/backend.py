@@ -28,10 +28,8 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_sinks import ops_torch
-from vllm_sinks.config import SinksConfig, sinks_config_from_vllm
+from vllm_sinks.config import BACKEND_NAME, SinksConfig, sinks_config_from_vllm
 from vllm_sinks.rope import RotaryParams
-
-BACKEND_NAME = "SINKS"
 
 
 class SinksAttentionBackend(AttentionBackend):
@@ -159,7 +157,7 @@ def _positions_from_lengths(query_start_loc: list[int], seq_lens: list[int]) -> 
 
 
 class SinksAttentionImpl(AttentionImpl[SinksMetadata]):
-    """One decoder layer's SINKS attention. `rope` is bound after the model is built (compat.bind_rotary)."""
+    """One decoder layer's SINKS attention. `rope` is bound after the model is built (rope.bind_rotary)."""
 
     def __init__(
         self,
@@ -220,7 +218,7 @@ class SinksAttentionImpl(AttentionImpl[SinksMetadata]):
         if self.rope is None:
             raise RuntimeError(
                 "SINKS: no rotary embedding was bound to this attention layer; the model is not a supported "
-                "RoPE decoder (see vllm_sinks.compat.bind_rotary)"
+                "RoPE decoder (see vllm_sinks.rope.bind_rotary)"
             )
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
@@ -260,25 +258,34 @@ class SinksAttentionImpl(AttentionImpl[SinksMetadata]):
             q, k, v, q_sink, key_cache, value_cache, fa.slot_mapping[: q.shape[0]],
             md.cos_win, md.sin_win, md.cos_sink, md.sin_sink, self.rope.rotary_dim, self.rope.is_neox_style,
         )  # fmt: skip
-        _, lse = flash_attn_varlen_func(
-            q=q,
-            k=key_cache,
-            v=value_cache,
-            out=out,
-            cu_seqlens_q=fa.query_start_loc,
-            max_seqlen_q=fa.max_query_len,
-            seqused_k=fa.seq_lens,
-            max_seqlen_k=fa.max_seq_len,
-            softmax_scale=self.scale,
-            causal=True,
-            window_size=[self.sinks.window_tokens, 0],
-            block_table=fa.block_table,
-            return_softmax_lse=True,
-            scheduler_metadata=fa.scheduler_metadata,
-            fa_version=get_flash_attn_version(head_size=self.head_size),
-            num_splits=fa.max_num_splits,
-        )
-        ops_cuda.sink_attention_merge(
-            q_sink, key_cache, value_cache, out, lse, md.positions, md.req_indices, fa.block_table,
-            self.sinks.sink_tokens, self.sinks.window_tokens, self.scale, fa.max_seq_len,
-        )  # fmt: skip
+        S, W = self.sinks.sink_tokens, self.sinks.window_tokens
+        lse = None
+        if md.fa_window >= 0:
+            _, lse = flash_attn_varlen_func(
+                q=q,
+                k=key_cache,
+                v=value_cache,
+                out=out,
+                cu_seqlens_q=fa.query_start_loc,
+                max_seqlen_q=fa.max_query_len,
+                seqused_k=fa.seq_lens,
+                max_seqlen_k=fa.max_seq_len,
+                softmax_scale=self.scale,
+                causal=True,
+                window_size=[md.fa_window, 0],
+                block_table=fa.block_table,
+                return_softmax_lse=True,
+                scheduler_metadata=fa.scheduler_metadata,
+                fa_version=get_flash_attn_version(head_size=self.head_size),
+                num_splits=fa.max_num_splits,
+            )
+        if md.band_tiles is None:  # FA's window is W: add the sinks
+            ops_cuda.sink_attention_merge(
+                q_sink, key_cache, value_cache, out, lse, md.positions, md.req_indices, fa.block_table,
+                S, W, self.scale, fa.max_seq_len,
+            )  # fmt: skip
+        elif md.fa_window < 0 or fa.max_seq_len - 1 > md.fa_window:  # else FA's window holds every key
+            ops_cuda.band_sink_attention(
+                q, q_sink, key_cache, value_cache, out, lse, md.positions, fa.block_table, fa.query_start_loc,
+                *md.band_tiles, S, W, md.fa_window, self.scale, md.band_heads_per_program,
+            )  # fmt: skip

@@ -1,6 +1,11 @@
-"""SINKS metadata on CUDA: vLLM's FlashAttention metadata for the window part, plus what the sink part and
-the rotary re-encoding need. Everything the kernels read lives in persistent buffers, so decode steps can be
-captured in full CUDA graphs (FA3 supports them for any batch)."""
+"""SINKS metadata on CUDA: vLLM's FlashAttention metadata for the window part, plus what the sink part, the
+band part and the rotary re-encoding need. Everything the kernels read lives in persistent buffers.
+
+Two kinds of step (ops_cuda): decode-only steps call FA3 with the window W and merge the sinks per token;
+their metadata is device-only, so they are captured in full CUDA graphs. Steps with prefill rows call FA3
+with the exact window W' = ops_cuda.exact_fa_window(W) (W' = W where FA3 is exact anyway) and, if W' < W,
+band_sink_attention over tiles of tokens listed on the host; they run outside full CUDA graphs
+(UNIFORM_BATCH: vLLM captures full graphs for decode-only batches only)."""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 from vllm.config import VllmConfig
-from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata, FlashAttentionMetadataBuilder
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from vllm_sinks import ops_cuda
 from vllm_sinks.config import sinks_config_from_vllm
 from vllm_sinks.rope import TWO_PI, RotaryParams
 
@@ -28,10 +34,17 @@ class SinksCudaMetadata:
     sin_win: torch.Tensor
     cos_sink: torch.Tensor  # at min(positions, S + W)
     sin_sink: torch.Tensor
+    # The step's left window for FA3: W (decode-only steps) or exact_fa_window(W); -1: FA is not called.
+    fa_window: int
+    # band_sink_attention's tiles (request, first token) when fa_window < W, else None.
+    band_tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+    band_heads_per_program: int = 1
 
 
 class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
-    """FlashAttention's builder with the window fixed to (W, 0) for its ahead-of-time scheduler."""
+    """FlashAttention's builder with the step's FA window for its ahead-of-time scheduler."""
+
+    _cudagraph_support = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(
         self,
@@ -43,6 +56,9 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.sinks = sinks_config_from_vllm(vllm_config)
         self.aot_sliding_window = (self.sinks.window_tokens, 0)
+        self.prefill_fa_window = ops_cuda.exact_fa_window(self.sinks.window_tokens, kv_cache_spec.head_size)
+        group = self.num_heads_q // self.num_heads_kv
+        self.band_heads_per_program = min(group & -group, 8)
         self.rope: RotaryParams | None = None
         forward_context = vllm_config.compilation_config.static_forward_context
         for name in layer_names:
@@ -58,11 +74,16 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
         self._mscale = self.rope.mscale.to(device, torch.float32) if self.rope is not None else None
         self._cos_sin = torch.zeros(4, max_tokens, half, dtype=torch.float32, device=device)
         self._req_indices = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+        self._tiles = torch.zeros(2, max_tokens, dtype=torch.int32, device=device)
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> SinksCudaMetadata:
         cm = common_attn_metadata
+        W = self.sinks.window_tokens
+        # FA3 is exact on decode rows for any window; rows of prefill chunks need the exact window.
+        fa_window = W if cm.max_query_len <= 1 else self.prefill_fa_window
+        self.aot_sliding_window = (max(fa_window, 0), 0)
         fa = super().build(common_prefix_len, cm, fast_build)
         n = cm.num_actual_tokens
         positions = cm.positions[:n]
@@ -79,7 +100,18 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
             sin_win=cos_sin[1],
             cos_sink=cos_sin[2],
             sin_sink=cos_sin[3],
+            fa_window=fa_window,
+            band_tiles=self._band_tiles(cm) if fa_window < W else None,
+            band_heads_per_program=self.band_heads_per_program,
         )
+
+    def _band_tiles(self, cm: CommonAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """band_sink_attention's tiles from the host's query_start_loc, copied into a persistent buffer."""
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
+        reqs, starts = ops_cuda.band_tiles(qsl, ops_cuda.BAND_ROWS // self.band_heads_per_program)
+        num = len(reqs)
+        self._tiles[:, :num].copy_(torch.tensor([reqs, starts], dtype=torch.int32), non_blocking=True)
+        return self._tiles[0, :num], self._tiles[1, :num]
 
     def _fill_cos_sin(self, positions: torch.Tensor, n: int) -> None:
         """cos/sin at positions and at min(positions, S + W); angles in float64 modulo 2*pi."""

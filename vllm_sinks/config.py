@@ -1,7 +1,8 @@
-"""One validated SINKS configuration: sink tokens S and window tokens W.
+"""SINKS configuration: the validated parameters (S, W), whether SINKS is selected, and what selecting it
+sets in vLLM's engine configuration.
 
-Sources, later ones winning: defaults (S=4, W=1020, as `attention_sinks` and the StreamingLLM paper),
-the environment (`VLLM_SINKS_SINK_TOKENS`, `VLLM_SINKS_WINDOW_TOKENS`), then
+Sources of S and W, later ones winning: defaults (S=4, W=1020, as `attention_sinks` and the StreamingLLM
+paper), the environment (`VLLM_SINKS_SINK_TOKENS`, `VLLM_SINKS_WINDOW_TOKENS`), then
 `--additional-config '{"sinks": {"sink_tokens": 4, "window_tokens": 1020}}'`.
 Every error says what to change.
 """
@@ -13,6 +14,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+BACKEND_NAME = "SINKS"
+BACKEND_PATH = "vllm_sinks.backend.SinksAttentionBackend"
+# Default stream length limit (vLLM's max_model_len) under SINKS when --max-model-len is not given.
+# Memory per stream is bounded by S + W; this only sizes vLLM's per-request token buffers.
+DEFAULT_SINKS_MAX_MODEL_LEN = 1 << 17
 ENV_PREFIX = "VLLM_SINKS_"
 ADDITIONAL_CONFIG_KEY = "sinks"
 DEFAULT_SINK_TOKENS = 4
@@ -39,10 +45,11 @@ class SinksConfig:
         return -(-self.sink_tokens // block_size)
 
     def max_blocks_per_request(self, block_size: int, max_chunk_tokens: int) -> int:
-        """Blocks one stream can hold at once: sink blocks, blocks covering the W tokens before a chunk of
-        `max_chunk_tokens` new tokens and the chunk itself, plus one for misalignment."""
-        window_and_chunk = self.window_tokens + max_chunk_tokens
-        return self.sink_blocks(block_size) + -(-window_and_chunk // block_size) + 1
+        """Blocks one stream can hold at once: sink blocks, blocks covering the W tokens before
+        `max_chunk_tokens` new tokens in flight and those tokens, plus one for misalignment."""
+        from vllm_sinks.capacity import stream_blocks
+
+        return stream_blocks(self.sink_tokens, self.window_tokens, block_size, max_chunk_tokens)
 
     def validate_for(self, block_size: int, max_position_embeddings: int | None) -> None:
         """Checks that depend on the engine: block size and the model's trained context."""
@@ -117,3 +124,86 @@ def parse_sinks_config(
 def sinks_config_from_vllm(vllm_config: Any) -> SinksConfig:
     """The SINKS config of a VllmConfig (its additional_config plus the environment)."""
     return parse_sinks_config(getattr(vllm_config, "additional_config", None) or {})
+
+
+# --- SINKS selected? ------------------------------------------------------------------------------------
+def is_sinks_selected(backend: Any) -> bool:
+    """True if an attention-backend value (string or enum member) names SINKS."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if backend is None:
+        return False
+    if isinstance(backend, str):
+        return backend.strip().upper() == BACKEND_NAME
+    if backend is AttentionBackendEnum.CUSTOM:
+        return AttentionBackendEnum.CUSTOM.is_overridden() and backend.get_path() == BACKEND_PATH
+    return False
+
+
+def sinks_active(vllm_config: Any) -> bool:
+    attention_config = getattr(vllm_config, "attention_config", None)
+    return attention_config is not None and is_sinks_selected(attention_config.backend)
+
+
+# --- the engine configuration under SINKS ---------------------------------------------------------------
+def configure_engine(config: Any, sinks: SinksConfig, requested_max_model_len: int | None) -> None:
+    """Completes a SINKS engine's VllmConfig once vLLM built it: validates S and W against the model and
+    block size, refuses unsupported models, sets the stream limit and the per-request prefill chunk, logs."""
+    from vllm.logger import init_logger
+
+    from vllm_sinks import capacity
+
+    model_config = config.model_config
+    hf_config = model_config.hf_text_config
+    trained = getattr(hf_config, "max_position_embeddings", None)
+    block_size = config.cache_config.block_size
+    sinks.validate_for(block_size, trained)
+    reject_unsupported_models(model_config)
+    stream_len = (
+        requested_max_model_len if requested_max_model_len not in (None, -1) else DEFAULT_SINKS_MAX_MODEL_LEN
+    )
+    model_config.max_model_len = int(stream_len)
+    scheduler_config = config.scheduler_config
+    if scheduler_config.long_prefill_token_threshold <= 0:
+        scheduler_config.long_prefill_token_threshold = capacity.default_prefill_chunk_tokens(
+            scheduler_config.max_num_batched_tokens, block_size
+        )
+    in_flight = capacity.request_in_flight_tokens(config)
+    chunk = capacity.prefill_chunk_tokens(scheduler_config)
+    S, W, k = sinks.sink_tokens, sinks.window_tokens, config.max_concurrent_batches
+    init_logger("vllm.sinks").info(
+        "SINKS attention backend: %s, block_size=%d, trained context=%s, stream limit (max_model_len)=%d; "
+        "a stream holds <= %d KV blocks decoding, <= %d prefilling (%d-token prefill chunks: "
+        "--long-prefill-token-threshold; %d batches in flight)",
+        sinks.describe(),
+        block_size,
+        trained,
+        model_config.max_model_len,
+        capacity.stream_blocks(S, W, block_size, k),
+        capacity.stream_blocks(S, W, block_size, in_flight),
+        chunk,
+        k,
+    )
+
+
+def reject_unsupported_models(model_config: Any) -> None:
+    reasons = []
+    if getattr(model_config, "is_encoder_decoder", False):
+        reasons.append("encoder-decoder models")
+    if getattr(model_config, "use_mla", False):
+        reasons.append("MLA attention")
+    if getattr(model_config, "is_hybrid", False):
+        reasons.append("hybrid (attention + state-space) models")
+    if (
+        model_config.get_sliding_window() is not None
+        or getattr(model_config.hf_text_config, "layer_types", None)
+        and any("sliding" in str(t) for t in model_config.hf_text_config.layer_types)
+    ):
+        reasons.append("models with their own sliding-window layers")
+    if getattr(model_config, "uses_mrope", False):
+        reasons.append("multimodal rotary positions (M-RoPE)")
+    if reasons:
+        raise ValueError(
+            f"--attention-backend SINKS does not support {', '.join(reasons)} "
+            f"({model_config.model}); use a plain RoPE decoder model such as Llama, Mistral or Qwen2"
+        )

@@ -5,8 +5,8 @@ A stream's logical blocks are [sink blocks][freed middle: null blocks][window bl
 * the first `ceil(S / B)` blocks of a request are never freed while it runs (they hold the sink tokens);
 * a block is returned to the pool as soon as every one of its tokens lies outside both the sinks and the
   window of the next token to compute; its slot in the block table becomes the null block;
-* so a running request holds at most `ceil(S/B) + ceil((W + chunk)/B) + 1` blocks, whatever its length, and
-  that same bound sizes the pool (`max_memory_usage_bytes`) and caps admission.
+* so a running request holds at most `ceil(S/B) + ceil((W + in-flight tokens)/B) + 1` blocks, whatever its
+  length, and that same bound sizes the pool (`max_memory_usage_bytes`) and caps admission (capacity.py).
 
 Prefix caching: a prompt hits the cache when its sink blocks and the `ceil(W / B)` blocks before the hit
 point are cached; middle blocks need not be (they are nulls in the returned hit). What a later request can
@@ -32,9 +32,13 @@ from vllm_sinks.eviction import TieredFreeBlockQueue
 
 @dataclass(frozen=True, kw_only=True)
 class SinkWindowSpec(SlidingWindowSpec):
-    """Sliding window of W + 1 tokens (vLLM counts the query itself) plus `sink_tokens` pinned tokens."""
+    """Sliding window of W + 1 tokens (vLLM counts the query itself) plus `sink_tokens` pinned tokens.
+    `in_flight_batches`: steps scheduled but not yet computed (vLLM's max_concurrent_batches);
+    `prefill_chunk_tokens`: the most prompt tokens one step gives one request (0: vLLM's token budget)."""
 
     sink_tokens: int
+    in_flight_batches: int = 1
+    prefill_chunk_tokens: int = 0
 
     @property
     def window_tokens(self) -> int:
@@ -45,9 +49,17 @@ class SinkWindowSpec(SlidingWindowSpec):
         return cdiv(self.sink_tokens, self.block_size)
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
-        """ceil(S/B) + ceil((W + in-flight tokens)/B) + 1, never more than max_model_len needs."""
+        """What a prefilling stream holds at most: ceil(S/B) + ceil((W + its tokens in flight)/B) + 1, never
+        more than max_model_len needs. vLLM sizes the pool by it and admits a prompt while it is free."""
+        if self.prefill_chunk_tokens:
+            own = self.in_flight_batches * self.prefill_chunk_tokens
+            max_in_flight_tokens = min(max_in_flight_tokens, own)
         window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
         return min(self.num_sink_blocks + window, cdiv(max_model_len, self.block_size) + 1)
+
+    def decode_blocks(self) -> int:
+        """What a decoding stream holds at most: ceil(S/B) + ceil((W + tokens in flight)/B) + 1."""
+        return self.num_sink_blocks + cdiv(self.window_tokens + self.in_flight_batches, self.block_size) + 1
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(
@@ -70,6 +82,9 @@ class SinkWindowManager(SlidingWindowManager):
         self.max_held_blocks = 0
         self.num_window_freed_blocks = 0
         self.num_sink_block_hits = 0
+        # Admission reserves what running streams may still grow to (see _outstanding_growth).
+        self.prefilling: set[str] = set()
+        self._decode_bound = kv_cache_spec.decode_blocks()
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def _count(self, request_id: str, delta: int) -> None:
@@ -87,7 +102,20 @@ class SinkWindowManager(SlidingWindowManager):
 
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         self.held_blocks.pop(request_id, None)
+        self.prefilling.discard(request_id)
         return super().pop_blocks_for_free(request_id)
+
+    def _outstanding_growth(self) -> int:
+        """Blocks the running streams may still take: each up to its bound (prefill bound while its prompt
+        is not computed, decode bound after). Admission keeps them free, so no admitted stream ever
+        needs a preemption to grow. O(running streams)."""
+        prefill_bound = self._max_admission_blocks_per_request or self._decode_bound
+        growth = 0
+        for request_id, held in self.held_blocks.items():
+            bound = prefill_bound if request_id in self.prefilling else self._decode_bound
+            if held < bound:
+                growth += bound - held
+        return growth
 
     def _num_freeable_blocks(self, num_computed_tokens: int) -> int:
         """Blocks [0, n) lie wholly before the window of the next token; of those, [sinks, n) are freeable."""
@@ -121,7 +149,11 @@ class SinkWindowManager(SlidingWindowManager):
             num_tokens_main_model,
             apply_admission_cap,
         )
-        if request_id in self.num_cached_block or not new_computed_blocks:
+        if request_id in self.num_cached_block:
+            return num
+        if apply_admission_cap:  # vLLM's admission gate for a new request
+            num += self._outstanding_growth()
+        if not new_computed_blocks:
             return num
         # The base class treats every block before the window as skipped; the sink blocks among them are
         # touched too, so the evictable ones count against free capacity.
@@ -158,6 +190,11 @@ class SinkWindowManager(SlidingWindowManager):
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
     ) -> None:
         """Frees blocks [sink blocks, first window block) and puts null blocks in their place."""
+        if num_prompt_tokens is not None:
+            if processed_computed_tokens < num_prompt_tokens:
+                self.prefilling.add(request_id)
+            else:
+                self.prefilling.discard(request_id)
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return

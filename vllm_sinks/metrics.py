@@ -5,10 +5,13 @@ field and fills it from `collect_sinks_stats`); the front end hands every `Sched
 plugins (entry point `vllm.stat_logger_plugins`), where `SinksStatLogger` sets Prometheus metrics next to
 vLLM's own. Names start with ``vllm_sinks:`` (vLLM unregisters every ``vllm:`` collector it did not make).
 
-Exported, labelled by model_name and engine:
+Exported, labelled by model_name and engine (capacity figures: capacity.py):
   vllm_sinks:config_info{sink_tokens, window_tokens, block_size}  1
-  vllm_sinks:request_blocks_bound       KV blocks one stream may hold (ceil(S/B) + ceil((W+in-flight)/B) + 1)
-  vllm_sinks:max_concurrent_streams     KV pool blocks / that bound
+  vllm_sinks:request_blocks_bound       KV blocks a prefilling stream holds at most (admitted while free)
+  vllm_sinks:decode_blocks_bound        KV blocks a decoding stream holds at most
+  vllm_sinks:max_concurrent_streams     streams that can decode at once (usable pool / decode bound)
+  vllm_sinks:max_concurrent_streams_cold  the same when each arrives with an uncached long prompt
+  vllm_sinks:max_concurrent_prefills    long prompts that prefill at once (token budget and memory)
   vllm_sinks:streams                    requests holding KV blocks now
   vllm_sinks:held_blocks                KV blocks held by all requests now
   vllm_sinks:request_held_blocks_max    most blocks held by any one request now
@@ -21,17 +24,41 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm.logger import init_logger
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
+
+from vllm_sinks.capacity import StreamCapacity, stream_capacity
+from vllm_sinks.config import sinks_active
 
 PREFIX = "vllm_sinks:"
 
 
-def collect_sinks_stats(scheduler: Any) -> dict[str, float] | None:
-    """Snapshot of the SinkWindowManagers of a v1 Scheduler; None when SINKS is not in use."""
+def _managers(scheduler: Any) -> list:
     from vllm_sinks.kv_cache import SinkWindowManager
 
     coordinator = scheduler.kv_cache_manager.coordinator
-    managers = [m for m in coordinator.single_type_managers if isinstance(m, SinkWindowManager)]
+    return [m for m in coordinator.single_type_managers if isinstance(m, SinkWindowManager)]
+
+
+def scheduler_capacity(scheduler: Any) -> StreamCapacity | None:
+    """The capacity of a v1 Scheduler's KV pool under SINKS (one KV-cache group of SINKS layers)."""
+    managers = _managers(scheduler)
+    if not managers:
+        return None
+    return stream_capacity(
+        managers[0].kv_cache_spec, scheduler.vllm_config, managers[0].block_pool.num_gpu_blocks
+    )
+
+
+def log_capacity(scheduler: Any) -> None:
+    cap = scheduler_capacity(scheduler)
+    if cap is not None:
+        init_logger("vllm.sinks").info("SINKS KV pool: %s", cap.describe())
+
+
+def collect_sinks_stats(scheduler: Any) -> dict[str, float] | None:
+    """Snapshot of the SinkWindowManagers of a v1 Scheduler; None when SINKS is not in use."""
+    managers = _managers(scheduler)
     if not managers:
         return None
     held: dict[str, int] = {}
@@ -39,14 +66,17 @@ def collect_sinks_stats(scheduler: Any) -> dict[str, float] | None:
         for rid, n in m.held_blocks.items():
             held[rid] = held.get(rid, 0) + n
     spec = managers[0].kv_cache_spec
-    bound = sum(blocks_bound(m.kv_cache_spec, scheduler.vllm_config) for m in managers)
-    pool = managers[0].block_pool.num_gpu_blocks
+    cap = scheduler_capacity(scheduler)
+    assert cap is not None
     return {
         "sink_tokens": float(spec.sink_tokens),
         "window_tokens": float(spec.window_tokens),
         "block_size": float(spec.block_size),
-        "request_blocks_bound": float(bound),
-        "max_concurrent_streams": float(pool // max(bound, 1)),
+        "request_blocks_bound": float(cap.prefill_blocks),
+        "decode_blocks_bound": float(cap.decode_blocks),
+        "max_concurrent_streams": float(cap.decode_streams),
+        "max_concurrent_streams_cold": float(cap.decode_streams_cold),
+        "max_concurrent_prefills": float(cap.concurrent_prefills),
         "streams": float(sum(1 for n in held.values() if n > 0)),
         "held_blocks": float(sum(held.values())),
         "request_held_blocks_max": float(max(held.values(), default=0)),
@@ -54,13 +84,6 @@ def collect_sinks_stats(scheduler: Any) -> dict[str, float] | None:
         "window_freed_blocks": float(sum(m.num_window_freed_blocks for m in managers)),
         "sink_block_hits": float(sum(m.num_sink_block_hits for m in managers)),
     }
-
-
-def blocks_bound(spec: Any, vllm_config: Any) -> int:
-    """The per-request block bound that also sizes admission (see kv_cache.SinkWindowSpec)."""
-    return spec.max_admission_blocks_per_request(
-        vllm_config.max_in_flight_tokens, vllm_config.model_config.max_model_len
-    )
 
 
 def _unregister_own_metrics() -> None:
@@ -75,8 +98,11 @@ class SinksStatLogger(AggregateStatLoggerBase):
     """Stat-logger plugin: SINKS metrics on the API server's /metrics (inert without SINKS stats)."""
 
     _GAUGES = {
-        "request_blocks_bound": "KV blocks one stream may hold under SINKS (per-request bound)",
-        "max_concurrent_streams": "KV pool blocks divided by the per-request bound",
+        "request_blocks_bound": "KV blocks a prefilling stream holds at most (admitted while that many free)",
+        "decode_blocks_bound": "KV blocks a decoding stream holds at most",
+        "max_concurrent_streams": "Streams that can decode at once (usable KV pool / decode bound)",
+        "max_concurrent_streams_cold": "Streams decoding at once, each arriving with an uncached long prompt",
+        "max_concurrent_prefills": "Long prompts that prefill at once (token budget and KV memory)",
         "streams": "Requests holding KV blocks now",
         "held_blocks": "KV blocks held by all requests now",
         "request_held_blocks_max": "Most KV blocks held by any one request now",
@@ -89,8 +115,6 @@ class SinksStatLogger(AggregateStatLoggerBase):
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
         from prometheus_client import Counter, Gauge
-
-        from vllm_sinks.compat import sinks_active
 
         self.engine_indexes = engine_indexes or [0]
         _unregister_own_metrics()  # a second engine in the same process (tests) re-creates them

@@ -2,9 +2,17 @@
 
 Per layer and step SINKS launches three kernels:
   rope_and_cache       rotate q (window and sink variants) and k, write k and v to the paged cache;
-  FlashAttention       the window [t - W, t] of each query, with its log-sum-exp (vLLM's FA3);
-  sink_attention_merge the sinks [0, min(S, t - W)) of each query, merged into the window output by LSE.
-All take device tensors only, so they can be captured in CUDA graphs.
+  FlashAttention       the window of each query, with its log-sum-exp (vLLM's FA3);
+  a merge kernel       what FlashAttention left out, merged into its output by log-sum-exp:
+    decode-only steps:   FA3's window is [t - W, t]; sink_attention_merge adds the sinks [0, min(S, t - W));
+    steps with prefill:  FA3's window is [t - W', t] with W' = exact_fa_window(W) <= W; band_sink_attention
+                         adds the band [t - W, t - W' - 1] and the sinks, a tile of tokens per program.
+Why two windows: FA3's IntraWGOverlap mainloop (vllm-project/flash-attention, hopper/; head dims 80-256)
+computes its causal-mask limits from the unshifted key length after shifting the keys to the window's
+start, so in a prefill chunk the first rows of a query tile see up to kBlockN - 1 - (W mod kBlockN) keys
+past their own position unless (W + 1) mod kBlockN = 0 (kBlockN: the key tile). Decode rows (one token per
+request) are never affected. benchmarks/gpu/fa_window_diag.py shows it.
+The kernels take device tensors only; the decode-step ones can be captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -124,12 +132,13 @@ def merge_heads_per_program(num_tokens: int, group: int) -> int:
 
 
 # The LSE's head stride is the step's token count: unspecialized, so one binary serves every batch size
-# (not three, for 1, multiples of 16 and the rest, each a JIT compile and launcher build at start-up).
-@triton.jit(do_not_specialize=["lse_sh"])
+# (not three, for 1, multiples of 16 and the rest, each a JIT compile and launcher build at start-up);
+# likewise S and W (one binary for every configuration).
+@triton.jit(do_not_specialize=["lse_sh", "S", "W"])
 def _sink_merge_kernel(
     qs_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, pos_ptr, req_ptr, bt_ptr,
     qs_st, qs_sh, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh, lse_st, bt_sr,
-    scale, S: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr,
+    scale, S, W, GROUP: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """Program (t, g): token t, query heads [g * HPP, (g + 1) * HPP); they share a KV head (HPP | GROUP)."""
@@ -216,4 +225,198 @@ def sink_attention_merge(
         scale, S=sink_tokens, W=window_tokens, GROUP=group, HPP=hpp, D=head_size,
         BLOCK_SIZE=key_cache.shape[1], BS=max(2, triton.next_power_of_2(sink_tokens)),
         BD=triton.next_power_of_2(head_size),
+    )  # fmt: skip
+
+
+# --- steps with prefill rows: FA3 on an exact window, the band and the sinks here --------------------------
+def fa3_key_tile(head_size: int) -> int | None:
+    """kBlockN of FA3's 16-bit local-attention forward kernel on SM90 when it uses the IntraWGOverlap
+    mainloop (hopper/tile_size.h: tile_size_fwd_sm90); None where it does not (head size <= 64)."""
+    if head_size <= 64:
+        return None
+    if head_size <= 128:
+        return 128
+    if head_size <= 192:
+        return 96
+    return 64
+
+
+def exact_fa_window(window_tokens: int, head_size: int) -> int:
+    """The largest left window W' <= W that FA3 computes exactly in prefill rows ((W' + 1) mod kBlockN = 0;
+    any W where the mainloop is unaffected); -1 when there is none (W < kBlockN - 1: no FA call, the band
+    kernel takes the whole window)."""
+    tile = fa3_key_tile(head_size)
+    if tile is None:
+        return window_tokens
+    return (window_tokens + 1) // tile * tile - 1
+
+
+# Query rows (tokens x heads) per band_sink_attention program, and keys per inner step.
+BAND_ROWS = 64
+BAND_KEYS = 64
+
+
+def band_tiles(query_start_loc: list[int], tokens_per_tile: int) -> tuple[list[int], list[int]]:
+    """(request, first token) of each tile: a request's tokens in runs of tokens_per_tile (host lists)."""
+    reqs: list[int] = []
+    starts: list[int] = []
+    for r in range(len(query_start_loc) - 1):
+        for t in range(query_start_loc[r], query_start_loc[r + 1], tokens_per_tile):
+            reqs.append(r)
+            starts.append(t)
+    return reqs, starts
+
+
+@triton.jit
+def _online_update(m_i, l_i, acc, s, v, IEEE: tl.constexpr):
+    """One online-softmax step: scores s [R, N] (-inf where masked) and values v [N, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _load_kv(kc_ptr, vc_ptr, bt_row, kidx, kmask, hk, d, dmask,
+             kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """Keys and values [N, BD] of KV head hk at stream positions kidx (masked: zeros) of one request."""
+    blk = tl.load(bt_row + kidx // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+    off = kidx % BLOCK_SIZE
+    m2 = kmask[:, None] & dmask[None, :]
+    k_off = blk[:, None] * kc_sb + off[:, None] * kc_so + hk * kc_sh + d[None, :]
+    v_off = blk[:, None] * vc_sb + off[:, None] * vc_so + hk * vc_sh + d[None, :]
+    return tl.load(kc_ptr + k_off, mask=m2, other=0.0), tl.load(vc_ptr + v_off, mask=m2, other=0.0)
+
+
+@triton.jit(do_not_specialize=["lse_sh", "S", "W", "WL"])
+def _band_sink_kernel(
+    q_ptr, qs_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, pos_ptr, bt_ptr, qsl_ptr, tile_req_ptr, tile_start_ptr,
+    q_st, q_sh, qs_st, qs_sh, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh, lse_st, bt_sr,
+    scale, S, W, WL, HAS_FA: tl.constexpr, GROUP: tl.constexpr,
+    HPP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BS: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Program (tile, g): tokens [start, start + BM) of one request x query heads [g * HPP, (g + 1) * HPP)
+    of one KV head; rows are (token, head) pairs. Attends each row's band [t - W, t - WL - 1] (with FA) or
+    window [t - W, t] (without) and its sinks [0, min(S, t - W)), then merges with FA's row by LSE."""
+    tile = tl.program_id(0)
+    h0 = tl.program_id(1) * HPP
+    hk = h0 // GROUP
+    r = tl.load(tile_req_ptr + tile)
+    t0 = tl.load(tile_start_ptr + tile)
+    t_end = tl.minimum(tl.load(qsl_ptr + r + 1), t0 + BM)
+    rows = tl.arange(0, BM * HPP)
+    tok = t0 + rows // HPP
+    hh = h0 + rows % HPP
+    row_ok = tok < t_end
+    pos = tl.load(pos_ptr + tok, mask=row_ok, other=0)
+    d = tl.arange(0, BD)
+    dmask = d < D
+    pos_first = tl.load(pos_ptr + t0)
+    pos_last = tl.load(pos_ptr + t_end - 1)
+    if HAS_FA:
+        hi = pos - WL - 1  # last band key of each row
+        k_hi = pos_last - WL - 1
+    else:
+        hi = pos
+        k_hi = pos_last
+    k_lo = tl.maximum(pos_first - W, 0)
+    m_i = tl.full([BM * HPP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM * HPP], tl.float32)
+    acc = tl.zeros([BM * HPP, BD], tl.float32)
+    qmask = row_ok[:, None] & dmask[None, :]
+    # Sinks, scored with the sink-rotated queries.
+    n_sink = tl.minimum(pos_last - W, S)
+    if n_sink > 0:
+        qs = tl.load(qs_ptr + tok[:, None] * qs_st + hh[:, None] * qs_sh + d[None, :], mask=qmask, other=0.0)
+        j = tl.arange(0, BS)
+        k, v = _load_kv(kc_ptr, vc_ptr, bt_ptr + r * bt_sr, j, j < n_sink, hk, d, dmask,
+                        kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, BLOCK_SIZE)  # fmt: skip
+        if IEEE:
+            sc = tl.dot(qs, tl.trans(k), input_precision="ieee") * scale
+        else:
+            sc = tl.dot(qs, tl.trans(k)) * scale
+        ok = row_ok[:, None] & (j[None, :] < tl.minimum(pos - W, S)[:, None])
+        sc = tl.where(ok, sc, float("-inf"))
+        m_i, l_i, acc = _online_update(m_i, l_i, acc, sc, v, IEEE)
+    # The band (the whole window without FA), scored with the window-rotated queries.
+    if k_hi >= k_lo:
+        q = tl.load(q_ptr + tok[:, None] * q_st + hh[:, None] * q_sh + d[None, :], mask=qmask, other=0.0)
+        for kb in range(k_lo, k_hi + 1, BN):
+            kidx = kb + tl.arange(0, BN)
+            k, v = _load_kv(kc_ptr, vc_ptr, bt_ptr + r * bt_sr, kidx, kidx <= k_hi, hk, d, dmask,
+                            kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, BLOCK_SIZE)  # fmt: skip
+            if IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                sc = tl.dot(q, tl.trans(k)) * scale
+            ok = row_ok[:, None] & (kidx[None, :] >= (pos - W)[:, None]) & (kidx[None, :] <= hi[:, None])
+            sc = tl.where(ok, sc, float("-inf"))
+            m_i, l_i, acc = _online_update(m_i, l_i, acc, sc, v, IEEE)
+    lse_b = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
+    o_b = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    optr = out_ptr + tok[:, None] * out_st + hh[:, None] * out_sh + d[None, :]
+    if HAS_FA:
+        lse_w = tl.load(lse_ptr + hh * lse_sh + tok * lse_st, mask=row_ok, other=0.0)
+        o_w = tl.load(optr, mask=qmask, other=0.0).to(tl.float32)
+        m = tl.maximum(lse_w, lse_b)
+        a = tl.exp(lse_w - m)
+        b = tl.exp(lse_b - m)
+        o_b = (a[:, None] * o_w + b[:, None] * o_b) / (a + b)[:, None]
+    tl.store(optr, o_b.to(out_ptr.dtype.element_ty), mask=qmask)
+
+
+def band_sink_attention(
+    q: torch.Tensor,
+    q_sink: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    out: torch.Tensor,
+    fa_lse: torch.Tensor | None,
+    positions: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    tile_req: torch.Tensor,
+    tile_start: torch.Tensor,
+    sink_tokens: int,
+    window_tokens: int,
+    fa_window: int,
+    scale: float,
+    heads_per_program: int,
+) -> None:
+    """Completes `out` ([n, H, D]) for a step with prefill rows. With FA (`fa_lse` [H, n] given, fa_window
+    = W' >= 0) `out` holds FA3's attention over [t - W', t]; this adds the band [t - W, t - W' - 1] and the
+    sinks by LSE. Without (fa_lse None) it computes the whole window and the sinks. q / q_sink [n, H, D]:
+    the window- and sink-rotated queries. Tiles: band_tiles(query_start_loc, BAND_ROWS // heads_per_program)
+    as device int32 tensors. Not for CUDA-graph capture (the tiles come from the host)."""
+    n, num_heads, head_size = q.shape
+    num_tiles = tile_req.shape[0]
+    if n == 0 or num_tiles == 0:
+        return
+    has_fa = fa_lse is not None
+    if has_fa and fa_window >= window_tokens and sink_tokens == 0:
+        return  # nothing left to add
+    group = num_heads // key_cache.shape[2]
+    hpp = heads_per_program
+    if hpp < 1 or hpp & (hpp - 1) or group % hpp or hpp > 8:
+        raise ValueError(f"heads_per_program={hpp}: a power of two dividing H / HK = {group}, at most 8")
+    lse = fa_lse if has_fa else out  # unused without FA
+    lse_sh, lse_st = (fa_lse.stride(0), fa_lse.stride(1)) if has_fa else (0, 0)
+    _band_sink_kernel[(num_tiles, num_heads // hpp)](
+        q, q_sink, key_cache, value_cache, out, lse, positions, block_table, query_start_loc, tile_req,
+        tile_start,
+        q.stride(0), q.stride(1), q_sink.stride(0), q_sink.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        out.stride(0), out.stride(1), lse_sh, lse_st, block_table.stride(0),
+        scale, S=sink_tokens, W=window_tokens, WL=max(fa_window, -1), HAS_FA=has_fa, GROUP=group, HPP=hpp,
+        BM=BAND_ROWS // hpp, BN=BAND_KEYS, D=head_size, BLOCK_SIZE=key_cache.shape[1],
+        BS=max(16, triton.next_power_of_2(sink_tokens)), BD=triton.next_power_of_2(head_size),
+        IEEE=q.dtype == torch.float32,
     )  # fmt: skip

@@ -118,6 +118,52 @@ def apply_rotary(
     return torch.cat((out, rest), dim=-1).to(x.dtype)
 
 
+def bind_rotary(model: torch.nn.Module, sinks_layers: dict[str, torch.nn.Module]) -> int:
+    """Hands each SINKS attention layer (`sinks_layers`: name -> vLLM Attention with a SINKS impl) the
+    rotary parameters of the `rotary_emb` module that sits next to it, and replaces that module with
+    DeferredRotary (q and k pass through unrotated; the backend rotates them). Returns the number of layers
+    bound; raises if a SINKS layer has no rotary embedding next to it."""
+    if not sinks_layers:
+        return 0
+    layer_ids = {id(m) for m in sinks_layers.values()}
+    params_of: dict[int, RotaryParams] = {}
+    bound: set[str] = set()
+    for parent_name, parent in model.named_modules():
+        rope = getattr(parent, "rotary_emb", None)
+        if rope is None:
+            continue
+        children = [
+            (f"{parent_name}.{child_name}" if parent_name else child_name, child)
+            for child_name, child in parent.named_children()
+            if id(child) in layer_ids
+        ]
+        if not children:
+            continue
+        if isinstance(rope, DeferredRotary):
+            params = rope.params
+        else:
+            if id(rope) not in params_of:
+                params_of[id(rope)] = RotaryParams.from_module(rope)
+            params = params_of[id(rope)]
+            parent.rotary_emb = DeferredRotary(rope, params)
+        for name, child in children:
+            if params.head_size != child.head_size:
+                raise ValueError(
+                    f"SINKS: layer {name} has head_size {child.head_size} but its rotary embedding has "
+                    f"head_size {params.head_size}"
+                )
+            child.impl.rope = params
+            bound.add(name)
+    missing = sorted(set(sinks_layers) - bound)
+    if missing:
+        raise ValueError(
+            f"--attention-backend SINKS needs a RoPE model whose attention module holds `rotary_emb` next to "
+            f"its attention layer; found none for {len(missing)} layer(s), e.g. {missing[0]} of "
+            f"{type(model).__name__}. Models without rotary position embeddings are not supported."
+        )
+    return len(bound)
+
+
 class DeferredRotary(torch.nn.Module):
     """Stands in for a model's rotary module under SINKS: returns q and k unrotated.
 

@@ -1,0 +1,61 @@
+"""Many long chats on one KV pool (CPU, tiny model, in-process engines):
+
+* paused chats resume from the prefix cache: 32 chats with 4,096-token histories (W=252; the histories are
+  2.7 times the pool of 3,000 blocks), 512-token prefill chunks so that prefills outlast replies as 16k
+  chunks of 64k histories do on a GPU. Before the tiered eviction order 0 of 32 resumed
+  (benchmarks/results/paused_chats_cpu_2026-11-24_before.json); a regenerate right after the first turn
+  hits too;
+* the capacity SINKS states at start-up is what the scheduler does: chats with uncached long prompts
+  arriving together decode at once exactly up to the stated number, with no preemption.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+
+def _teardown():
+    gc.collect()
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+
+
+def test_paused_chats_resume_from_the_cache(tmp_path):
+    import bench_paused_chats
+
+    try:
+        r = bench_paused_chats.main(
+            ["--shape", "tiny", "--chats", "32", "--history", "4096", "--window-tokens", "252",
+             "--num-gpu-blocks", "3000", "--max-num-batched-tokens", "512", "--model-root", str(tmp_path)]
+        )  # fmt: skip
+    finally:
+        _teardown()
+    assert r["chats"] * r["history_tokens"] > 2.5 * r["kv_pool_blocks"] * r["block_size"]
+    assert r["states_whole_after_turn1"] >= 29
+    assert r["regenerate_resumed"] >= 29
+    assert r["turn2_resumed"] >= 29
+    assert r["turn2_computed_tokens"] <= 32 * (64 + 200 + 2 * 16)
+    assert r["preemptions_total"] == 0
+
+
+def test_stated_capacity_is_what_the_scheduler_admits(tmp_path):
+    import bench_capacity
+
+    try:
+        r = bench_capacity.main(
+            ["--shape", "tiny", "--chats", "26", "--prompt-len", "1024", "--window-tokens", "124",
+             "--max-num-batched-tokens", "512", "--num-gpu-blocks", "227", "--model-root", str(tmp_path)]
+        )  # fmt: skip
+    finally:
+        _teardown()
+    stated = r["stated"]
+    # Decoding: 1 sink block + ceil((124 + 1)/16) + 1 = 10 blocks; prefilling with 256-token chunks
+    # (half the budget): 1 + ceil((124 + 256)/16) + 1 = 26 blocks.
+    assert (stated["decode_blocks_bound"], stated["request_blocks_bound"]) == (10, 26)
+    assert stated["max_concurrent_streams_cold"] == (226 - 26) // 10 + 1 < r["chats"]
+    assert r["max_decoding_at_once"] == stated["max_concurrent_streams_cold"]
+    assert r["max_prefilling_at_once"] == stated["max_concurrent_prefills"] == 2
+    assert r["preemptions"] == 0

@@ -11,7 +11,13 @@ requests, KV-cache usage, vllm_sinks:* when served with SINKS) and, with --serve
 the server and all its child processes (API server, engine core, workers). At the end it waits until the
 server is idle and reports the KV blocks still held (must be 0).
 
-    vllm serve MODEL --attention-backend SINKS ... &
+Growing chats (--user-words LO:HI --until-prompt-tokens N): each user message has LO..HI words and a chat
+stops once a turn's prompt passed N tokens, so every history grows far past the window; per turn the server's
+usage (--enable-prompt-tokens-details) gives the prompt tokens served from the prefix cache and computed.
+Timelines per --window-s: TTFT and ITL p50/p99, turns, computed and cached prompt tokens, and from /metrics
+running/waiting requests, KV usage and preemptions.
+
+    vllm serve MODEL --attention-backend SINKS --enable-prompt-tokens-details ... &
     python benchmarks/bench_serve.py --base-url http://127.0.0.1:8000 --model MODEL --chats 256 \
         --duration 300 --disconnect-rate 0.2 --server-pid $! --out benchmarks/results/serve_sinks.json
 Side by side: the same command against a server started with another --attention-backend.
@@ -33,6 +39,7 @@ WORDS = ("sea wind light river stone king city road night fire bread water mount
 
 
 SAMPLED = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+           "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:prompt_tokens_cached_total",
            "vllm_sinks:held_blocks", "vllm_sinks:request_held_blocks_max")  # fmt: skip
 FINAL = ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm_sinks:held_blocks",
          "vllm_sinks:streams", "vllm_sinks:request_held_blocks_peak", "vllm_sinks:request_blocks_bound",
@@ -81,6 +88,10 @@ class Load:
         self.errors: list[str] = []
         self.turns = self.disconnects = self.output_chunks = self.connection_retries = 0
         self.samples: list[dict] = []
+        self.turn_log: list[dict] = []  # per completed turn: start time, TTFT, prompt and cached tokens
+        self.itl_at: list[tuple[float, float]] = []  # (seconds since start, inter-token gap)
+        self.start = time.monotonic()
+        self.chats_done = 0
 
     async def chat(self, client, cid: int, deadline: float) -> None:
         import httpx
@@ -88,18 +99,22 @@ class Load:
         rng = random.Random(cid)
         messages: list[dict] = []
         url = self.a.base_url + "/v1/chat/completions"
+        lo, _, hi = str(self.a.user_words).partition(":")
+        lo, hi = int(lo), int(hi or lo)
         while time.monotonic() < deadline:
-            words = " ".join(rng.choice(WORDS) for _ in range(self.a.user_words))
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
             messages.append({"role": "user", "content": f"chat {cid}: {words}"})
             drop = rng.random() < self.a.disconnect_rate
             drop_after = rng.randrange(1, self.a.max_tokens) if drop else None
             body = {"model": self.a.model, "messages": messages, "max_tokens": self.a.max_tokens,
-                    "temperature": 0.0, "stream": True, "ignore_eos": True}  # fmt: skip
+                    "temperature": 0.0, "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
             if self.a.allowed_token_ids:
                 lo, hi = (int(x) for x in self.a.allowed_token_ids.split(":"))
                 body["allowed_token_ids"] = list(range(lo, hi))
-            reply, n, last = [], 0, None
+            reply, n, last, usage, ttft = [], 0, None, None, None
             t0 = time.perf_counter()
+            t_turn = time.monotonic() - self.start
             failed = False
             for attempt in range(self.a.connection_retries + 1):
                 responded = False
@@ -117,14 +132,17 @@ class Load:
                             if not line.startswith("data: ") or line == "data: [DONE]":
                                 continue
                             chunk = json.loads(line[6:])
+                            usage = chunk.get("usage") or usage
                             choices = chunk.get("choices") or []
                             if not choices or not choices[0].get("delta", {}).get("content"):
                                 continue
                             now = time.perf_counter()
                             if last is None:
-                                self.ttft.append(now - t0)
+                                ttft = now - t0
+                                self.ttft.append(ttft)
                             else:
                                 self.itl.append(now - last)
+                                self.itl_at.append((time.monotonic() - self.start, now - last))
                             last = now
                             n += 1
                             reply.append(choices[0]["delta"]["content"])
@@ -147,9 +165,17 @@ class Load:
                 continue
             self.turns += 1
             self.output_chunks += n
+            prompt_tokens = (usage or {}).get("prompt_tokens")
+            details = (usage or {}).get("prompt_tokens_details") or {}
+            self.turn_log.append(dict(t=round(t_turn, 2), chat=cid, ttft_s=ttft and round(ttft, 4),
+                                      prompt_tokens=prompt_tokens, cached_tokens=details.get("cached_tokens"),
+                                      dropped=drop_after is not None and n >= drop_after))  # fmt: skip
             messages.append({"role": "assistant", "content": "".join(reply)})
             if len(messages) > 2 * self.a.max_turns_kept:  # a client that trims very old turns
                 messages = messages[-2 * self.a.max_turns_kept :]
+            if self.a.until_prompt_tokens and (prompt_tokens or 0) >= self.a.until_prompt_tokens:
+                self.chats_done += 1
+                return
 
     async def sampler(self, client, start: float) -> None:
         while True:
@@ -173,7 +199,7 @@ class Load:
         limits = httpx.Limits(max_connections=self.a.chats + 8, max_keepalive_connections=self.a.chats + 8)
         timeout = httpx.Timeout(self.a.request_timeout_s)
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-            start = time.monotonic()
+            start = self.start = time.monotonic()
             deadline = start + self.a.duration
             sampler = asyncio.create_task(self.sampler(client, start))
             await asyncio.gather(*(self.chat(client, i, deadline) for i in range(self.a.chats)))
@@ -212,12 +238,43 @@ class Load:
             "server_rss_mib": {"first_after_warmup": warm[0] if warm else None, "max_after_warmup": max(warm)
                                if warm else None, "last": rss[-1] if rss else None, "warmup_s": a.warmup_s},
             "final_metrics": {k: v for k, v in final.items() if k in FINAL},
+            "chats_past_until_prompt_tokens": self.chats_done if a.until_prompt_tokens else None,
+            "prompt_tokens": {"total": sum(t["prompt_tokens"] or 0 for t in self.turn_log),
+                              "cached": sum(t["cached_tokens"] or 0 for t in self.turn_log)},
+            "preemptions": _delta(self.samples, "vllm:num_preemptions_total"),
+            "timeline": self.timeline(elapsed),
+            "turns": self.turn_log,
             "samples": self.samples,
         }  # fmt: skip
+
+    def timeline(self, elapsed: float) -> list[dict]:
+        """Per --window-s window: TTFT (turns started in it) and ITL (gaps in it) p50/p99 in ms, turns,
+        prompt tokens computed and served from the cache."""
+        w = self.a.window_s
+        rows = []
+        for i in range(int(elapsed // w) + 1):
+            t0, t1 = i * w, (i + 1) * w
+            turns = [t for t in self.turn_log if t0 <= t["t"] < t1]
+            ttft = [t["ttft_s"] for t in turns if t["ttft_s"] is not None]
+            itl = [g for at, g in self.itl_at if t0 <= at < t1]
+            prompt = sum(t["prompt_tokens"] or 0 for t in turns)
+            cached = sum(t["cached_tokens"] or 0 for t in turns)
+            row = dict(t=t0, turns=len(turns), prompt_tokens_computed=prompt - cached)
+            row["prompt_tokens_cached"] = cached
+            for name, xs in (("ttft", ttft), ("itl", itl)):
+                for q in (50, 99):
+                    row[f"{name}_ms_p{q}"] = _r(percentile(xs, q), 1000)
+            rows.append(row)
+        return rows
 
 
 def _r(x: float | None, scale: float) -> float | None:
     return None if x is None else round(x * scale, 2)
+
+
+def _delta(samples: list[dict], key: str) -> float | None:
+    values = [s[key] for s in samples if key in s]
+    return values[-1] - values[0] if values else None
 
 
 def parse(argv=None):
@@ -228,7 +285,9 @@ def parse(argv=None):
     p.add_argument("--duration", type=float, default=300.0, help="seconds; turns in flight then finish")
     p.add_argument("--disconnect-rate", type=float, default=0.2)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--user-words", type=int, default=12)
+    p.add_argument("--user-words", default="12", help="words per user message: N, or LO:HI (random)")
+    p.add_argument("--until-prompt-tokens", type=int, default=0, help="a chat stops once its prompt passed N")
+    p.add_argument("--window-s", type=float, default=30.0, help="timeline window")
     p.add_argument("--max-turns-kept", type=int, default=1000)
     p.add_argument("--allowed-token-ids", default=None, help="LO:HI (dummy weights with a tiny tokenizer)")
     p.add_argument("--server-pid", type=int, default=None)
@@ -244,7 +303,7 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     a = parse(argv)
     result = asyncio.run(Load(a).run())
-    brief = {k: v for k, v in result.items() if k != "samples"}
+    brief = {k: v for k, v in result.items() if k not in ("samples", "turns", "timeline")}
     print(json.dumps(brief, indent=1))
     if a.out:
         with open(a.out, "w") as f:

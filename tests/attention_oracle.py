@@ -13,14 +13,16 @@ from __future__ import annotations
 import torch
 
 
-def window_attention(q_win, kv, block_table, qsl, seq_lens, W, scale):
-    """Attention of each query over [t - W, t] of its request, and the natural-log LSE ([H, n])."""
+def window_attention(q_win, kv, block_table, qsl, seq_lens, W, scale, W_right=None, right_edge=None):
+    """Attention of each query t over keys [t - W, t - W_right - 1] of its request (W_right None: [t - W, t];
+    right_edge [n] or [n, H] given: [t - W, right_edge]), and the natural-log LSE ([H, n]); rows with no
+    key get output 0 and LSE -inf."""
     from vllm_sinks.ops_torch import _gather
 
     n, H, D = q_win.shape
     group = H // kv.shape[3]
-    out = torch.empty(n, H, D)
-    lse = torch.empty(H, n)
+    out = torch.zeros(n, H, D)
+    lse = torch.full((H, n), float("-inf"))
     for r, seq_len in enumerate(seq_lens):
         start, end = qsl[r], qsl[r + 1]
         first = seq_len - (end - start)
@@ -29,11 +31,17 @@ def window_attention(q_win, kv, block_table, qsl, seq_lens, W, scale):
         k = k.float().repeat_interleave(group, dim=1)
         v = v.float().repeat_interleave(group, dim=1)
         t = torch.arange(first, seq_len)
+        hi = t if W_right is None else t - W_right - 1
+        if right_edge is not None:
+            hi = right_edge[start:end]
+        hi = hi.t() if hi.dim() == 2 else hi[None, :]  # [H or 1, n]
         s = torch.einsum("nhd,mhd->hnm", q_win[start:end].float(), k) * scale
-        vis = (key_pos[None, :] <= t[:, None]) & (key_pos[None, :] >= t[:, None] - W)
-        s = s.masked_fill(~vis[None], float("-inf"))
-        lse[:, start:end] = torch.logsumexp(s, dim=-1)
-        out[start:end] = torch.einsum("hnm,mhd->nhd", torch.softmax(s, dim=-1), v)
+        vis = (key_pos[None, None, :] <= hi[..., None]) & (key_pos[None, None, :] >= (t - W)[None, :, None])
+        s = s.masked_fill(~vis, float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)
+        lse[:, start:end] = row_lse
+        p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)
+        out[start:end] = torch.einsum("hnm,mhd->nhd", p, v)
     return out, lse
 
 
@@ -68,8 +76,19 @@ def sink_part(
 
 
 def merge(o_w: torch.Tensor, lse_w: torch.Tensor, o_s: torch.Tensor, lse_s: torch.Tensor) -> torch.Tensor:
-    """Softmax over the union of two disjoint key sets from each set's output and LSE ([n,H,D], [H,n])."""
+    """Softmax over the union of two disjoint key sets from each set's output and LSE ([n,H,D], [H,n]);
+    a set with LSE -inf (no key) contributes nothing."""
     lw, ls = lse_w.t()[..., None].float(), lse_s.t()[..., None].float()  # [n, H, 1]
     m = torch.maximum(lw, ls)
     a, b = torch.exp(lw - m), torch.exp(ls - m)
     return (a * o_w.float() + b * o_s.float()) / (a + b)
+
+
+def band_sink_part(q_win, q_sink, kv, block_table, qsl, seq_lens, positions, req_idx, S, W, fa_window, scale):
+    """What ops_cuda.band_sink_attention adds to FlashAttention's [t - W', t] (W' = fa_window): the band
+    [t - W, t - W' - 1] (the whole window if W' < 0) and the sinks, as one (output, LSE) part."""
+    o_b, lse_b = window_attention(q_win, kv, block_table, qsl, seq_lens, W, scale,
+                                  W_right=fa_window if fa_window >= 0 else None)  # fmt: skip
+    o_s, lse_s = sink_part(q_sink, kv, block_table, positions, req_idx, S, W, scale)
+    lse = torch.logaddexp(lse_b, lse_s)
+    return merge(o_b, lse_b, o_s, lse_s).nan_to_num(0.0), lse

@@ -43,12 +43,26 @@ def test_bad_values_say_what_to_change(additional, env, message):
     assert message in str(e.value)
 
 
-def test_engine_dependent_checks():
-    SinksConfig(4, 60).validate_for(block_size=16, max_position_embeddings=2048)
-    with pytest.raises(SinksConfigError, match="larger than one KV block"):
-        SinksConfig(4, 16).validate_for(block_size=16, max_position_embeddings=2048)
+def test_attention_sinks_names_are_aliases():
+    names = {"sinks": {"attention_sink_size": 4, "attention_sink_window_size": 252}}
+    assert parse_sinks_config(names, environ={}) == SinksConfig(4, 252)
+    mixed = {"sinks": {"attention_sink_size": 2, "window_tokens": 100}}
+    assert parse_sinks_config(mixed, environ={}) == SinksConfig(2, 100)
+    sink_twice = {"sink_tokens": 4, "attention_sink_size": 4}
+    for both in (sink_twice, {"window_tokens": 9, "attention_sink_window_size": 2}):
+        with pytest.raises(SinksConfigError, match="gives both .* keep one"):
+            parse_sinks_config({"sinks": both}, environ={})
+
+
+def test_model_dependent_checks():
+    SinksConfig(4, 60).validate_for(max_position_embeddings=2048)
+    SinksConfig(4, 8).validate_for(max_position_embeddings=2048)  # a window within one block works too
     with pytest.raises(SinksConfigError, match="reaches the model's trained context"):
-        SinksConfig(4, 2044).validate_for(block_size=16, max_position_embeddings=2048)
+        SinksConfig(4, 2044).validate_for(max_position_embeddings=2048)
+    # A model's own sliding window (Mistral-7B-v0.1: 4096) is replaced when S + W fits inside it.
+    SinksConfig(4, 4091).validate_for(max_position_embeddings=32768, sliding_window=4096)
+    with pytest.raises(SinksConfigError, match="inside the model's own sliding window of 4096 .* <= 4095"):
+        SinksConfig(4, 4092).validate_for(max_position_embeddings=32768, sliding_window=4096)
 
 
 def test_block_bound():

@@ -29,6 +29,10 @@ MODELS = {
         },
     ),
     "hd64-partial-rotary": dict(head_dim=64, num_heads=4, num_kv_heads=4, partial_rotary_factor=0.5),
+    # Mistral: every layer has its own 4096-token window, replaced by SINKS' cache (as attention_sinks does)
+    "mistral-sw4096": dict(
+        head_dim=64, num_heads=4, num_kv_heads=2, sliding_window=4096, max_position_embeddings=8192
+    ),  # fmt: skip
 }
 # (S, W, model, prompt lengths)
 CONFIGS = [
@@ -38,6 +42,8 @@ CONFIGS = [
     (0, 64, "hd64-gqa", [400, 200]),
     (16, 48, "hd128-mqa-llama3", [400, 129]),
     (4, 60, "gptj", [350, 64]),  # GPT-J-style (interleaved) partial rotary: rotary_dim 32 of head_dim 64
+    (4, 252, "mistral-sw4096", [700, 90]),  # configured with attention_sinks' names, see run()
+    (2, 12, "hd64-gqa", [200, 45]),  # a window smaller than one KV block
 ]
 GEN = 48
 
@@ -66,7 +72,9 @@ def run(request, model_dir, tmp_path_factory):
         max_num_batched_tokens=96,  # small chunks: many chunk boundaries, prefill mixed with decode
         enable_prefix_caching=False,
         gpu_memory_utilization=0.3,
-        additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}},
+        additional_config={"sinks": {"attention_sink_size": S, "attention_sink_window_size": W}}
+        if model.startswith("mistral")
+        else {"sinks": {"sink_tokens": S, "window_tokens": W}},
     )
     g = torch.Generator().manual_seed(S * 7919 + W)
     prompts = [torch.randint(3, 380, (n,), generator=g).tolist() for n in lengths]

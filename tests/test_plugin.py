@@ -101,17 +101,15 @@ def test_bad_sinks_config_fails_at_startup(model_dir):
                 '{"sinks": {"window": 8}}',
             ]
         )
-    with pytest.raises(SinksConfigError, match="larger than one KV block"):
+    with pytest.raises(SinksConfigError, match="keep one"):
         _engine_config(
             [
                 "--model",
                 model_dir(),
                 "--attention-backend",
                 "SINKS",
-                "--block-size",
-                "16",
                 "--additional-config",
-                '{"sinks": {"window_tokens": 16}}',
+                '{"sinks": {"window_tokens": 60, "attention_sink_window_size": 60}}',
             ]
         )
     with pytest.raises(SinksConfigError, match="trained context"):
@@ -127,17 +125,34 @@ def test_bad_sinks_config_fails_at_startup(model_dir):
         )
 
 
-def test_sliding_window_model_is_refused(model_dir, tmp_path):
-    path = model_dir()
-    sw = tmp_path / "sw"
-    sw.mkdir()
+def _with_config(path: str, out, **changes) -> str:
+    out.mkdir()
     for name in os.listdir(path):
-        (sw / name).write_bytes((open(os.path.join(path, name), "rb")).read())
-    cfg = json.loads((sw / "config.json").read_text())
-    cfg.update(sliding_window=64, layer_types=["sliding_attention"] * cfg["num_hidden_layers"])
-    (sw / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="sliding-window"):
-        _engine_config(["--model", str(sw), "--attention-backend", "SINKS"])
+        (out / name).write_bytes((open(os.path.join(path, name), "rb")).read())
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(changes)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def test_models_with_their_own_sliding_window(model_dir, tmp_path):
+    """A uniform native window (Mistral) is replaced by SINKS' cache when S + W fits inside it; a larger
+    S + W and hybrid sliding/full models (Gemma 2/3) fail with what to change."""
+    path = model_dir()
+    layers = json.loads(open(os.path.join(path, "config.json")).read())["num_hidden_layers"]
+    uniform = _with_config(path, tmp_path / "uniform", sliding_window=256,
+                           layer_types=["sliding_attention"] * layers)  # fmt: skip
+    sinks = ["--attention-backend", "SINKS", "--block-size", "16", "--additional-config"]
+    cfg = _engine_config(["--model", uniform, *sinks, '{"sinks": {"window_tokens": 200}}'])
+    assert cfg.model_config.max_model_len == 131072
+    from vllm_sinks.config import SinksConfigError
+
+    with pytest.raises(SinksConfigError, match="sliding window of 256 tokens; choose .* <= 255"):
+        _engine_config(["--model", uniform, *sinks, '{"sinks": {"window_tokens": 252}}'])
+    hybrid = _with_config(path, tmp_path / "hybrid", sliding_window=64,
+                          layer_types=["sliding_attention", "full_attention"] * (layers // 2))  # fmt: skip
+    with pytest.raises(ValueError, match="mix sliding-window and full-attention layers"):
+        _engine_config(["--model", hybrid, *sinks, '{"sinks": {"window_tokens": 60}}'])
 
 
 def test_cpu_selection_validates_instead_of_falling_back():
@@ -155,11 +170,13 @@ def test_cpu_selection_validates_instead_of_falling_back():
         (ok._replace(head_size=40), "head_size"),
         (ok._replace(use_mla=True), "MLA"),
         (ok._replace(kv_cache_dtype="fp8"), "kv_cache_dtype"),
-        (ok._replace(has_sliding_window=True), "sliding window"),
         (ok._replace(attn_type="encoder_decoder"), "attention type"),
     ]:
         with pytest.raises(ValueError, match=reason):
             CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["SINKS"], bad)
+    # A model's own window is accepted at this level (config.py checks that S + W fits inside it).
+    windowed = ok._replace(has_sliding_window=True)
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum["SINKS"], windowed) == BACKEND_PATH
     # Without SINKS the CPU platform behaves as before.
     assert "cpu_attn" in CpuPlatform.get_attn_backend_cls(None, ok)
 

@@ -78,7 +78,7 @@ class SinksAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False  # SINKS is itself the window; a model's own sliding window would conflict
+        return True  # a model's own uniform window is replaced by SINKS' cache (config.py checks it fits)
 
     @classmethod
     def supports_sink(cls) -> bool:
@@ -176,8 +176,6 @@ class SinksAttentionImpl(AttentionImpl[SinksMetadata]):
         unsupported = []
         if alibi_slopes is not None:
             unsupported.append("ALiBi")
-        if sliding_window is not None:
-            unsupported.append(f"a model sliding window ({sliding_window})")
         if logits_soft_cap:
             unsupported.append("logit soft-capping")
         if kv_sharing_target_layer_name is not None:

@@ -3,8 +3,9 @@ sets in vLLM's engine configuration.
 
 Sources of S and W, later ones winning: defaults (S=4, W=1020, as `attention_sinks` and the StreamingLLM
 paper), the environment (`VLLM_SINKS_SINK_TOKENS`, `VLLM_SINKS_WINDOW_TOKENS`), then
-`--additional-config '{"sinks": {"sink_tokens": 4, "window_tokens": 1020}}'`.
-Every error says what to change.
+`--additional-config '{"sinks": {"sink_tokens": 4, "window_tokens": 1020}}'`, where attention_sinks' names
+`attention_sink_size` (S) and `attention_sink_window_size` (W) are accepted too. Every error says what to
+change.
 """
 
 from __future__ import annotations
@@ -51,12 +52,15 @@ class SinksConfig:
 
         return stream_blocks(self.sink_tokens, self.window_tokens, block_size, max_chunk_tokens)
 
-    def validate_for(self, block_size: int, max_position_embeddings: int | None) -> None:
-        """Checks that depend on the engine: block size and the model's trained context."""
-        if self.window_tokens <= block_size:
+    def validate_for(self, max_position_embeddings: int | None, sliding_window: int | None = None) -> None:
+        """Checks that depend on the model: its trained context and its own sliding window, which the
+        StreamingLLM cache replaces (as attention_sinks does) when S + W fits inside it. Any W works with
+        any block size (a window smaller than a block costs memory, not correctness)."""
+        if sliding_window is not None and self.cache_tokens >= sliding_window:
             raise SinksConfigError(
-                f"window_tokens={self.window_tokens} must be larger than one KV block ({block_size} tokens): "
-                f"raise window_tokens or lower --block-size"
+                f"sink_tokens + window_tokens = {self.cache_tokens} does not fit inside the model's own "
+                f"sliding window of {sliding_window} tokens; choose sink_tokens + window_tokens <= "
+                f"{sliding_window - 1}"
             )
         if max_position_embeddings is not None and self.cache_tokens >= max_position_embeddings:
             raise SinksConfigError(
@@ -70,6 +74,8 @@ class SinksConfig:
 
 
 _FIELDS = ("sink_tokens", "window_tokens")
+# attention_sinks' names, same meaning (its cache holds attention_sink_size + attention_sink_window_size).
+ALIASES = {"attention_sink_size": "sink_tokens", "attention_sink_window_size": "window_tokens"}
 
 
 def _as_int(name: str, value: Any, source: str) -> int:
@@ -105,14 +111,21 @@ def parse_sinks_config(
                 f'--additional-config "sinks" must be an object such as '
                 f'{{"sink_tokens": 4, "window_tokens": 1020}}, got {section!r}'
             )
-        unknown = sorted(set(section) - set(_FIELDS))
+        unknown = sorted(set(section) - set(_FIELDS) - set(ALIASES))
         if unknown:
             raise SinksConfigError(
-                f'--additional-config "sinks" has unknown key(s) {unknown}; valid keys: {list(_FIELDS)}'
+                f'--additional-config "sinks" has unknown key(s) {unknown}; valid keys: {list(_FIELDS)} '
+                f"(or attention_sinks' names {list(ALIASES)})"
             )
-        for name in _FIELDS:
-            if name in section:
-                values[name] = _as_int(name, section[name], '--additional-config "sinks"')
+        for alias, name in ALIASES.items():
+            if alias in section and name in section:
+                raise SinksConfigError(
+                    f'--additional-config "sinks" gives both {name!r} and its attention_sinks name '
+                    f"{alias!r}; keep one"
+                )
+        for key, value in section.items():
+            name = ALIASES.get(key, key)
+            values[name] = _as_int(key, value, '--additional-config "sinks"')
     config = SinksConfig(**values)
     if config.sink_tokens < 0:
         raise SinksConfigError(f"sink_tokens={config.sink_tokens} must be >= 0 (0 means window only)")
@@ -157,7 +170,8 @@ def configure_engine(config: Any, sinks: SinksConfig, requested_max_model_len: i
     hf_config = model_config.hf_text_config
     trained = getattr(hf_config, "max_position_embeddings", None)
     block_size = config.cache_config.block_size
-    sinks.validate_for(block_size, trained)
+    native_window = uniform_sliding_window(model_config)
+    sinks.validate_for(trained, native_window)
     reject_unsupported_models(model_config)
     stream_len = (
         requested_max_model_len if requested_max_model_len not in (None, -1) else DEFAULT_SINKS_MAX_MODEL_LEN
@@ -171,7 +185,15 @@ def configure_engine(config: Any, sinks: SinksConfig, requested_max_model_len: i
     in_flight = capacity.request_in_flight_tokens(config)
     chunk = capacity.prefill_chunk_tokens(scheduler_config)
     S, W, k = sinks.sink_tokens, sinks.window_tokens, config.max_concurrent_batches
-    init_logger("vllm.sinks").info(
+    logger = init_logger("vllm.sinks")
+    if native_window is not None:
+        logger.info(
+            "SINKS: the model's own sliding window of %d tokens is replaced by the StreamingLLM cache of "
+            "sink_tokens + window_tokens = %d tokens (as attention_sinks does)",
+            native_window,
+            sinks.cache_tokens,
+        )
+    logger.info(
         "SINKS attention backend: %s, block_size=%d, trained context=%s, stream limit (max_model_len)=%d; "
         "a stream holds <= %d KV blocks decoding, <= %d prefilling (%d-token prefill chunks: "
         "--long-prefill-token-threshold; %d batches in flight)",
@@ -186,6 +208,20 @@ def configure_engine(config: Any, sinks: SinksConfig, requested_max_model_len: i
     )
 
 
+def _layer_types(model_config: Any) -> list[str]:
+    return [str(t) for t in getattr(model_config.hf_text_config, "layer_types", None) or []]
+
+
+def uniform_sliding_window(model_config: Any) -> int | None:
+    """The model's own sliding window when every attention layer has it (Mistral-7B-v0.1: 4096), else None
+    (no window, or a hybrid of sliding and full layers: reject_unsupported_models refuses those)."""
+    window = model_config.get_sliding_window()
+    types = _layer_types(model_config)
+    if window is None or (types and not all("sliding" in t for t in types)):
+        return None
+    return int(window)
+
+
 def reject_unsupported_models(model_config: Any) -> None:
     reasons = []
     if getattr(model_config, "is_encoder_decoder", False):
@@ -194,16 +230,17 @@ def reject_unsupported_models(model_config: Any) -> None:
         reasons.append("MLA attention")
     if getattr(model_config, "is_hybrid", False):
         reasons.append("hybrid (attention + state-space) models")
-    if (
-        model_config.get_sliding_window() is not None
-        or getattr(model_config.hf_text_config, "layer_types", None)
-        and any("sliding" in str(t) for t in model_config.hf_text_config.layer_types)
-    ):
-        reasons.append("models with their own sliding-window layers")
+    types = _layer_types(model_config)
+    if any("sliding" in t for t in types) and not all("sliding" in t for t in types):
+        reasons.append(
+            "models that mix sliding-window and full-attention layers (e.g. Gemma 2/3: one cache policy must "
+            "hold for every layer)"
+        )
     if getattr(model_config, "uses_mrope", False):
         reasons.append("multimodal rotary positions (M-RoPE)")
     if reasons:
         raise ValueError(
             f"--attention-backend SINKS does not support {', '.join(reasons)} "
-            f"({model_config.model}); use a plain RoPE decoder model such as Llama, Mistral or Qwen2"
+            f"({model_config.model}); use a RoPE decoder model such as Llama, Mistral or Qwen2, or serve "
+            f"this one without --attention-backend SINKS"
         )

@@ -1,4 +1,5 @@
-"""Builds tiny, seeded Llama-architecture checkpoints locally (nothing is downloaded).
+"""Builds tiny, seeded Llama-architecture checkpoints locally (nothing is downloaded): Llama, Mistral (a
+Llama with a sliding window in every layer) and GPT-J.
 
 Used by the tests, the examples and the README's quick start:
     python -m vllm_sinks.tiny_model /tmp/tiny-llama            # default shape
@@ -47,6 +48,8 @@ class TinyLlamaSpec:
     initializer_range: float = 0.08
     dtype: str = "float32"
     seed: int = 0
+    # Set: a Mistral checkpoint (same weights as Llama) whose layers all have this sliding window.
+    sliding_window: int | None = None
 
 
 def _tokenizer(vocab_size: int):
@@ -74,7 +77,7 @@ def build_tiny_llama(out_dir: str, spec: TinyLlamaSpec | None = None) -> str:
     """Writes config, float weights (safetensors) and tokenizer to out_dir; returns out_dir. Idempotent:
     an existing checkpoint with the same spec is kept."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     spec = spec or TinyLlamaSpec()
     stamp = os.path.join(out_dir, "tiny_spec.json")
@@ -89,7 +92,12 @@ def build_tiny_llama(out_dir: str, spec: TinyLlamaSpec | None = None) -> str:
         rope_parameters.update(spec.rope_scaling)
     if spec.partial_rotary_factor != 1.0:
         rope_parameters["partial_rotary_factor"] = spec.partial_rotary_factor
-    config = LlamaConfig(
+    config_cls, model_cls, extra = LlamaConfig, LlamaForCausalLM, {}
+    if spec.sliding_window is not None:
+        config_cls, model_cls = MistralConfig, MistralForCausalLM
+        extra = {"sliding_window": spec.sliding_window}
+    config = config_cls(
+        **extra,
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -107,7 +115,7 @@ def build_tiny_llama(out_dir: str, spec: TinyLlamaSpec | None = None) -> str:
         dtype=spec.dtype,
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
+    model = model_cls(config).to(getattr(torch, spec.dtype))
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     with open(stamp, "w") as f:

@@ -5,7 +5,9 @@
 # chats for DURATION seconds, 20% dropped mid-stream. Run once per mode, same host.
 #   bash benchmarks/gpu/serve_load.sh sinks|dense|sliding OUTDIR [DURATION_S=240] [CHATS=256]
 # Writes OUTDIR/serve_MODE.json (bench_serve.py's result) and OUTDIR/server_MODE.log.
-# Environment: SHAPE (benchmarks/model_shapes.py), WINDOW, DTYPE, GPU_UTIL; e.g. a CPU check of the script:
+# Environment: SHAPE (benchmarks/model_shapes.py), WINDOW, DTYPE, GPU_UTIL, BENCH_ARGS (more bench_serve.py
+# options, e.g. growing chats: BENCH_ARGS="--user-words 280:1100 --until-prompt-tokens 32768 --max-tokens 64"),
+# SERVER_ARGS (more vllm serve options); e.g. a CPU check of the script:
 #   VLLM_CPU_KVCACHE_SPACE=1 SHAPE=tiny WINDOW=200 DTYPE=float32 GPU_UTIL=0.3 bash ... sinks /tmp/o 20 8
 set -u
 MODE=$1
@@ -24,8 +26,9 @@ case $MODE in
 esac
 mkdir -p "$OUTDIR"
 t0=$(date +%s)
+# shellcheck disable=SC2086
 $VLLM serve "$MODEL" --load-format dummy --dtype "${DTYPE:-bfloat16}" --gpu-memory-utilization "${GPU_UTIL:-0.90}" --max-num-seqs "$CHATS" \
-  --port 8000 "${BACKEND[@]}" >"$OUTDIR/server_$MODE.log" 2>&1 &
+  --port 8000 --enable-prompt-tokens-details "${BACKEND[@]}" ${SERVER_ARGS:-} >"$OUTDIR/server_$MODE.log" 2>&1 &
 PID=$!
 ready=0
 for _ in $(seq 1 400); do
@@ -39,9 +42,10 @@ if [ $ready != 1 ]; then
   echo "server ($MODE) did not come up"; tail -40 "$OUTDIR/server_$MODE.log"; kill $PID 2>/dev/null; exit 1
 fi
 echo "server ($MODE) ready after $(( $(date +%s) - t0 )) s"
+# shellcheck disable=SC2086
 python3 benchmarks/bench_serve.py --base-url http://127.0.0.1:8000 --model "$MODEL" --chats "$CHATS" \
   --duration "$DURATION" --disconnect-rate 0.2 --allowed-token-ids 3:380 --server-pid $PID \
-  --out "$OUTDIR/serve_$MODE.json"
+  --out "$OUTDIR/serve_$MODE.json" ${BENCH_ARGS:-}
 rc=$?
 kill -INT $PID
 wait $PID

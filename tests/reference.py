@@ -1,8 +1,8 @@
 """Independent StreamingLLM reference: plain PyTorch, shares no code with vllm_sinks.
 
-Runs a Hugging Face Llama (NeoX-style rotary) or GPT-J (GPT-J-style, interleaved rotary) checkpoint
-(config.json + safetensors) token by token with the cache policy of
-StreamingLLM / `attention_sinks`:
+Runs a Hugging Face Llama-family (Llama, Mistral, Qwen2 with its q/k/v biases; NeoX-style rotary) or GPT-J
+(GPT-J-style, interleaved rotary) checkpoint (config.json + safetensors) token by token with the cache
+policy of StreamingLLM / `attention_sinks`:
   * the cache holds keys *before* rotation and values;
   * each step appends the new token, rotates every cached key at its *cache index* and the query at the
     last index, attends over the whole cache (so the new token sees the cache and itself);
@@ -137,6 +137,12 @@ class StreamingLlama:
         )
         return w["lm_head.weight"] @ h + w["lm_head.bias"]
 
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """weight @ x (+ bias where the checkpoint has one: Qwen2's q/k/v projections)."""
+        y = self.w[name + ".weight"] @ x
+        bias = self.w.get(name + ".bias")
+        return y if bias is None else y + bias
+
     def step(self, token: int) -> torch.Tensor:
         """Feeds one token; returns its next-token logits (float64, [vocab])."""
         if self.gptj:
@@ -146,9 +152,9 @@ class StreamingLlama:
         for i in range(self.n_layers):
             p = f"model.layers.{i}."
             x = self._norm(h, w[p + "input_layernorm.weight"])
-            q = (w[p + "self_attn.q_proj.weight"] @ x).view(self.n_heads, self.head_dim)
-            k = (w[p + "self_attn.k_proj.weight"] @ x).view(self.n_kv, self.head_dim)
-            v = (w[p + "self_attn.v_proj.weight"] @ x).view(self.n_kv, self.head_dim)
+            q = self._linear(p + "self_attn.q_proj", x).view(self.n_heads, self.head_dim)
+            k = self._linear(p + "self_attn.k_proj", x).view(self.n_kv, self.head_dim)
+            v = self._linear(p + "self_attn.v_proj", x).view(self.n_kv, self.head_dim)
             attn = self._attend(i, q, k, v)
             h = h + w[p + "self_attn.o_proj.weight"] @ attn
             x = self._norm(h, w[p + "post_attention_layernorm.weight"])

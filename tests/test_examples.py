@@ -62,3 +62,21 @@ def test_multi_tenant_with_disconnects_leaves_no_kv_in_use(model_dir, tmp_path):
     assert stats["dropped"] > 0 and stats["turns"] == 8 * 3
     assert stats["kv_cache_usage_peak"] > 0.0  # the metric moves while tenants talk ...
     assert stats["kv_cache_usage_after"] == 0.0  # ... and every block is back once they are gone
+
+
+def test_streaming_demo_runs_the_three_experiments(tmp_path):
+    """attention_sinks' demo on SmolLM2-135M-Instruct (real replies), briefly: SINKS and windowed keep one
+    stream going, dense stops at its context (here a --max-model-len below the stream)."""
+    import streaming_demo
+
+    common = ["--window-tokens", "60", "--max-new-tokens", "24", "--dtype", "float32"]
+    sinks = streaming_demo.main(["--experiment", "sinks", "--prompts", "4", *common])
+    assert len(sinks["turns"]) == 4 and sinks["turns"][-1]["stream_tokens"] > 64
+    assert all(t["reply_tokens"] > 0 and t["fresh_context_ppl"] > 1 for t in sinks["turns"])
+    # Each turn resends the stream; the prefix cache serves its full blocks (128 tokens on CPU).
+    assert sinks["turns"][-1]["cached_tokens"] >= 128
+    windowed = streaming_demo.main(["--experiment", "windowed", "--prompts", "2", *common])
+    assert len(windowed["turns"]) == 2
+    dense_args = ["--experiment", "dense", "--prompts", "6", "--max-model-len", "192"]
+    dense = streaming_demo.main(dense_args + common)
+    assert 0 < len(dense["turns"]) < 6 and dense["turns"][-1]["stream_tokens"] <= 192

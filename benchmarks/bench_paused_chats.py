@@ -8,7 +8,7 @@ computed vs served from the cache, preemptions, and where the resumable states w
 still whole in the cache right after turn 1 and right before turn 2 (state blocks still carrying their hash).
 Right after turn 1 every chat also resends its turn-1 prompt unchanged (a "regenerate"), which must hit too:
 it needs the W tokens before the prompt's end, some of which left the window while the reply was decoded.
-    python benchmarks/bench_paused_chats.py --chats 32 --history 65536 --out ...          # H100, 8B shape
+    python benchmarks/bench_paused_chats.py --chats 32,64 --history 65536 --out ...       # H100, 8B shape
     python benchmarks/bench_paused_chats.py --shape tiny --chats 32 --history 4096 --window-tokens 252 \
         --num-gpu-blocks 3000                                                               # CPU
 """
@@ -30,7 +30,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["sinks", "sliding", "dense"], default="sinks")
     p.add_argument("--shape", default="llama3-8b")
-    p.add_argument("--chats", type=int, default=32)
+    p.add_argument("--chats", default="32", help="N, or N1,N2,... (cases in one engine)")
     p.add_argument("--history", type=int, default=65536, help="turn-1 prompt tokens per chat")
     p.add_argument("--gen", type=int, default=64, help="reply tokens per turn")
     p.add_argument("--new-tokens", type=int, default=200, help="new user tokens in turn 2")
@@ -141,21 +141,13 @@ def resumed(cached: int, reusable: int, block_size: int) -> bool:
     return cached >= (reusable // block_size) * block_size - block_size
 
 
-def main(argv=None) -> dict:
-    a = parse(argv)
-    from bench_decode import _device
-
-    from vllm_sinks.introspection import scheduler_of
-
-    llm, kw = build_llm(a)
-    scheduler = scheduler_of(llm)
+def run_case(llm, tracker, a, chats: int, seed: int) -> dict:
+    """One case: `chats` chats take turn 1, a regenerate, then turn 2 (see module docstring)."""
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
-    pool_blocks = scheduler.kv_cache_manager.block_pool.num_gpu_blocks
-    tracker = StateTracker(scheduler)
-    rng = random.Random(a.seed)
+    rng = random.Random(seed)
     vocab = 380 if a.shape == "tiny" else 120_000
-    prompts1 = [[rng.randrange(3, vocab) for _ in range(a.history)] for _ in range(a.chats)]
-
+    prompts1 = [[rng.randrange(3, vocab) for _ in range(a.history)] for _ in range(chats)]
+    preempt0 = tracker.preemptions
     outs1, wall1 = run_turn(llm, prompts1, a.gen, "turn1")
     ids1 = [o.request_id for o in outs1]
     whole_after_turn1 = tracker.whole(ids1)
@@ -174,21 +166,9 @@ def main(argv=None) -> dict:
     cached2 = [o.num_cached_tokens or 0 for o in outs2]
     resumed2 = sum(resumed(c, r, block_size) for c, r in zip(cached2, reusable2, strict=True))
     ids2 = [o.request_id for o in outs2]
-    whole_after_turn2 = tracker.whole(ids2)
     state_blocks = [len(v) for k, v in tracker.states.items() if k.rsplit("-", 1)[0] in set(ids1)]
-    result = {
-        "benchmark": "paused_chats",
-        "mode": a.mode,
-        "shape": a.shape,
-        "chats": a.chats,
-        "history_tokens": a.history,
-        "gen": a.gen,
-        "new_tokens": a.new_tokens,
-        "sink_tokens": a.sink_tokens if a.mode == "sinks" else None,
-        "window_tokens": a.window_tokens if a.mode == "sinks" else None,
-        "block_size": block_size,
-        "kv_pool_blocks": pool_blocks,
-        "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
+    return {
+        "chats": chats,
         "blocks_held_at_finish_per_chat": max(state_blocks, default=0),
         "turn1_s": round(wall1, 2),
         "states_whole_after_turn1": whole_after_turn1,
@@ -200,8 +180,41 @@ def main(argv=None) -> dict:
         "turn2_cached_tokens": sum(cached2),
         "turn2_computed_tokens": sum(len(p) for p in prompts2) - sum(cached2),
         "turn2_preemptions": preempt_turn2,
-        "states_whole_after_turn2": whole_after_turn2,
-        "preemptions_total": tracker.preemptions,
+        "states_whole_after_turn2": tracker.whole(ids2),
+        "preemptions_total": tracker.preemptions - preempt0,
+    }
+
+
+def main(argv=None) -> dict:
+    """--chats N: one case; --chats N1,N2,...: one case each in the same engine, the prefix cache reset in
+    between (the result's `cases`)."""
+    a = parse(argv)
+    from bench_decode import _device
+
+    from vllm_sinks.introspection import scheduler_of
+
+    llm, kw = build_llm(a)
+    scheduler = scheduler_of(llm)
+    tracker = StateTracker(scheduler)
+    cases = []
+    for i, chats in enumerate(int(x) for x in str(a.chats).split(",")):
+        if i:
+            assert llm.reset_prefix_cache(), "the previous case left blocks held"
+        cases.append(run_case(llm, tracker, a, chats, a.seed + i))
+        print(json.dumps(cases[-1]), flush=True)
+    result = {
+        "benchmark": "paused_chats",
+        "mode": a.mode,
+        "shape": a.shape,
+        "history_tokens": a.history,
+        "gen": a.gen,
+        "new_tokens": a.new_tokens,
+        "sink_tokens": a.sink_tokens if a.mode == "sinks" else None,
+        "window_tokens": a.window_tokens if a.mode == "sinks" else None,
+        "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        "kv_pool_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
+        "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
+        **(cases[0] if len(cases) == 1 else {"cases": cases}),
         "device": _device(),
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),

@@ -18,6 +18,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", default="Tell me a story about a river that never ends.")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
     a = p.parse_args()
     client = openai.OpenAI(base_url=a.base_url, api_key="unused")
     t0 = time.perf_counter()
@@ -27,10 +28,10 @@ def main() -> None:
         model=a.model,
         messages=[{"role": "user", "content": a.prompt}],
         max_tokens=a.max_tokens,
-        temperature=0.7,
+        temperature=a.temperature,
         stream=True,
     )
-    print("reply: ", end="", flush=True)
+    print(f"question: {a.prompt}\nreply: ", end="", flush=True)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
@@ -38,9 +39,7 @@ def main() -> None:
             sys.stdout.write(chunk.choices[0].delta.content)
             sys.stdout.flush()
     ttft = (first - t0) if first else float("nan")
-    print(
-        f"\n[{n} chunks streamed, time to first token {ttft:.2f} s] (a random tiny model: the text is noise)"
-    )
+    print(f"\n[{n} chunks streamed, time to first token {ttft:.2f} s]")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -45,3 +46,28 @@ def model_dir(tmp_path_factory):
         return built[name]
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shut_down_engines():
+    """vLLM engines a module made go away with the module (while pytest still captures their shutdown logs),
+    not at interpreter exit."""
+    yield
+    gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_engine_outlives_the_session():
+    """Shuts down any vLLM executor still alive at the end (an in-process engine kept by a reference
+    cycle), so its shutdown logs go to pytest's capture, not to a closed stream after the summary line."""
+    yield
+    gc.collect()
+    executor_mod = sys.modules.get("vllm.v1.executor.multiproc_executor")
+    if executor_mod is None:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, executor_mod.MultiprocExecutor):
+            try:
+                obj.shutdown()
+            except Exception:
+                pass

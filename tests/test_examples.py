@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
@@ -64,19 +68,27 @@ def test_multi_tenant_with_disconnects_leaves_no_kv_in_use(model_dir, tmp_path):
     assert stats["kv_cache_usage_after"] == 0.0  # ... and every block is back once they are gone
 
 
+@pytest.mark.slow
 def test_streaming_demo_runs_the_three_experiments(tmp_path):
     """attention_sinks' demo on SmolLM2-135M-Instruct (real replies), briefly: SINKS and windowed keep one
-    stream going, dense stops at its context (here a --max-model-len below the stream)."""
-    import streaming_demo
+    stream going, dense stops at its context (here a --max-model-len below the stream). Each experiment in
+    its own process, as a user runs it."""
+
+    def run_demo(*args: str) -> dict:
+        out = tmp_path / f"demo_{len(list(tmp_path.iterdir()))}.json"
+        script = os.path.join(os.path.dirname(__file__), "..", "examples", "streaming_demo.py")
+        proc = subprocess.run([sys.executable, script, *args, "--out", str(out)], capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(out.read_text())
 
     common = ["--window-tokens", "60", "--max-new-tokens", "24", "--dtype", "float32"]
-    sinks = streaming_demo.main(["--experiment", "sinks", "--prompts", "4", *common])
+    sinks = run_demo("--experiment", "sinks", "--prompts", "4", *common)
     assert len(sinks["turns"]) == 4 and sinks["turns"][-1]["stream_tokens"] > 64
     assert all(t["reply_tokens"] > 0 and t["fresh_context_ppl"] > 1 for t in sinks["turns"])
     # Each turn resends the stream; the prefix cache serves its full blocks (128 tokens on CPU).
     assert sinks["turns"][-1]["cached_tokens"] >= 128
-    windowed = streaming_demo.main(["--experiment", "windowed", "--prompts", "2", *common])
+    windowed = run_demo("--experiment", "windowed", "--prompts", "2", *common)
     assert len(windowed["turns"]) == 2
-    dense_args = ["--experiment", "dense", "--prompts", "6", "--max-model-len", "192"]
-    dense = streaming_demo.main(dense_args + common)
+    dense = run_demo("--experiment", "dense", "--prompts", "6", "--max-model-len", "192", *common)
     assert 0 < len(dense["turns"]) < 6 and dense["turns"][-1]["stream_tokens"] <= 192

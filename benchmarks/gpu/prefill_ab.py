@@ -5,9 +5,11 @@ The serving load (benchmarks/gpu/serve_load.sh) is prefill-bound, and SINKS' int
 2,048 new tokens, at contexts under and over the window), Llama-3-8B attention shape:
   dense_fa      FA3 causal, no window (stock FLASH_ATTN on a dense model)
   sliding_fa    FA3 with window_size=[W, 0] (stock sliding window; SINKS' window part without LSE)
-  sinks_attn    FA3 window with LSE + sink_attention_merge (SINKS' attention, as the backend calls it: the
-                merge is skipped when no token reaches a sink outside its window, context <= W + 1, and its
-                program layout is the default for the step's size)
+  sinks_attn    SINKS' attention as the backend calls it in a step with prefill rows: FA3 over the exact
+                window W' = exact_fa_window(W) with LSE, then band_sink_attention (the band [t-W, t-W'-1] and
+                the sinks; skipped when no token reaches past W') in its default layout
+  band_hppN     band_sink_attention alone with N query heads per program (N=1, 2, 4; tiles of 64/N tokens)
+  sinks_attn_inexact  the previous path: FA3 over W (not exact in prefill rows) + sink_attention_merge
   merge_only    sink_attention_merge alone, always launched (as under CUDA-graph capture), one head per
                 program
   merge_grouped the same with all query heads of a KV head in one program (heads_per_program=H/HK)
@@ -104,10 +106,30 @@ def _bench(ctx: int, a, timed) -> dict:
             fa_version=fa_version,
         )  # fmt: skip
 
+    wx = ops_cuda.exact_fa_window(W, D)
+    group = H // HK
+    hpp_default = min(group & -group, 8)
+    qsl = list(range(0, n + 1, c))
+    tiles = {}
+    for hpp in sorted({1, 2, 4, hpp_default} & {d for d in (1, 2, 4, 8) if group % d == 0}):
+        reqs, starts = ops_cuda.band_tiles(qsl, ops_cuda.BAND_ROWS // hpp)
+        tiles[hpp] = (torch.tensor(reqs, dtype=torch.int32, device=dev),
+                      torch.tensor(starts, dtype=torch.int32, device=dev))  # fmt: skip
+
+    def band(lse, hpp):
+        tr, ts = tiles[hpp]
+        ops_cuda.band_sink_attention(q, qs, kc, vc, out, lse, pos, bt, cu, tr, ts, S, W, wx, D**-0.5, hpp)
+
     def sinks_attn():
+        _, lse = fa([wx, 0], True)
+        if ctx - 1 > wx:
+            band(lse, hpp_default)
+
+    def sinks_attn_inexact():
         _, lse = fa([W, 0], True)
         ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, ctx)
 
+    _, lse_exact = fa([wx, 0], True)
     _, lse_fixed = fa([W, 0], True)
     scale = torch.ones((), dtype=torch.float32, device=dev)
     row = {
@@ -115,7 +137,10 @@ def _bench(ctx: int, a, timed) -> dict:
         "tokens": n,
         "dense_fa_ms": timed(lambda: fa([-1, -1], False)),
         "sliding_fa_ms": timed(lambda: fa([W, 0], False)),
+        "exact_fa_window": wx,
         "sinks_attn_ms": timed(sinks_attn),
+        "sinks_attn_inexact_ms": timed(sinks_attn_inexact),
+        **{f"band_hpp{h}_ms": timed(lambda h=h: band(lse_exact, h)) for h in tiles},
         "merge_only_ms": timed(
             lambda: ops_cuda.sink_attention_merge(
                 qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5, None, 1
@@ -133,6 +158,7 @@ def _bench(ctx: int, a, timed) -> dict:
             lambda: _custom_ops.reshape_and_cache_flash(k, v, kc, vc, slots, "auto", scale, scale)
         ),
     }
+    row["band_default_hpp"] = hpp_default
     for key in [x for x in row if x.endswith("_ms")]:
         row[key] = round(row[key], 4)
     row["sinks_attn_over_sliding"] = round(row["sinks_attn_ms"] / row["sliding_fa_ms"], 3)

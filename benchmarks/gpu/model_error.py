@@ -1,0 +1,132 @@
+"""Model-level error of SINKS on the GPU (bf16) against the float64 StreamingLLM reference, next to stock
+dense attention's error on the same weights: the bf16 noise floor.
+
+A seeded random Llama as in the exactness issue (2 layers, hidden 1024, 8 query / 2 KV heads of 128, q/k
+weights sharpened x3 so attention is peaked, trained context 2048), a 3,000-token random prompt, 512-token
+prefill chunks, prompt logprobs of the actual tokens. The reference (tests/reference.py) runs token by token
+in float64; for positions below S + W it is plain causal attention, so stock dense (FLASH_ATTN) is compared
+there. Reported per engine: mean, p99 and max absolute logprob error.
+    python3 benchmarks/gpu/model_error.py --out model_error.json          # on a GPU host, ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+
+def build_model(root: str) -> str:
+    """The random model, q/k projections x3, saved in float32."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_sinks.tiny_model import TinyLlamaSpec, build_tiny_llama
+
+    path = os.path.join(root, "model_error_llama")
+    spec = TinyLlamaSpec(
+        hidden_size=1024,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=128,
+        intermediate_size=2816,
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        seed=7,
+    )
+    build_tiny_llama(path, spec)  # fmt: skip
+    mark = os.path.join(path, "sharpened")
+    if not os.path.exists(mark):
+        w = load_file(os.path.join(path, "model.safetensors"))
+        for k in w:
+            if k.endswith(("q_proj.weight", "k_proj.weight")):
+                w[k] = w[k] * 3.0
+        save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        open(mark, "w").close()
+    return path
+
+
+def logprobs(path: str, prompt: list[int], backend: str, S: int = 4, W: int = 1020) -> list[float]:
+    """vLLM's prompt logprob of each actual token (position i: token i given tokens < i), bf16."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(model=path, dtype="bfloat16", enforce_eager=True, max_num_batched_tokens=512, max_logprobs=0,
+              max_model_len=len(prompt) + 8, gpu_memory_utilization=0.3,
+              enable_prefix_caching=False)  # fmt: skip
+    if backend == "SINKS":
+        sinks = {"sink_tokens": S, "window_tokens": W}
+        kw.update(attention_backend="SINKS", additional_config={"sinks": sinks})
+        kw["long_prefill_token_threshold"] = 512  # whole 512-token chunks, as for dense
+    else:
+        kw.update(attention_backend=backend)
+    llm = LLM(**kw)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params)
+    lps = [out[0].prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))]
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return lps
+
+
+def stats(err: torch.Tensor) -> dict:
+    return {"mean": round(err.mean().item(), 5), "p99": round(torch.quantile(err, 0.99).item(), 5),
+            "max": round(err.max().item(), 5), "n": err.numel()}  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=3000)
+    p.add_argument("--windows", default="1020,1023", help="SINKS windows W (S=4)")
+    p.add_argument("--root", default="/tmp/vllm_sinks_models")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # dense past the trained context (unused)
+    from bench_decode import _device
+    from reference import StreamingLlama
+
+    path = build_model(a.root)
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(3, 380, (a.tokens,), generator=g).tolist()
+    result: dict = {
+        "benchmark": "model-level logprob error vs float64 reference",
+        "tokens": a.tokens,
+        "device": _device(),
+        "date": datetime.date.today().isoformat(),
+        "command": "python3 " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+    }
+    dense = torch.tensor(logprobs(path, prompt, "FLASH_ATTN"))  # fmt: skip
+    for W in (int(x) for x in a.windows.split(",")):
+        ref = StreamingLlama(path, 4, W).logprobs(prompt)  # [n, vocab] float64 (CPU)
+        want = torch.tensor([ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))])
+        sinks = torch.tensor(logprobs(path, prompt, "SINKS", 4, W))
+        inside = torch.arange(1, len(prompt)) <= 4 + W  # positions where StreamingLLM is plain attention
+        result[f"sinks_4+{W}"] = {"all": stats((sinks - want).abs()),
+                                  "past_window": stats((sinks - want).abs()[~inside])}  # fmt: skip
+        if "dense_inside_window" not in result:
+            result["dense_inside_window"] = stats((dense - want).abs()[inside])
+            result["dense_inside_window"]["positions"] = f"< {4 + W + 1}"
+        d = result["dense_inside_window"]
+        s = result[f"sinks_4+{W}"]["all"]
+        result[f"sinks_4+{W}"]["ratio_to_dense"] = {"p99": round(s["p99"] / d["p99"], 3),
+                                                    "max": round(s["max"] / d["max"], 3)}  # fmt: skip
+        print(json.dumps({k: v for k, v in result.items() if k.startswith(("sinks", "dense"))}), flush=True)
+    print(json.dumps(result, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

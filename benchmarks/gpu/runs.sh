@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU runs of one device session, one step per call (each well under 10 minutes on an H100), writing
+# logs and results under OUT. Run from the repository root after the offline bundle is installed:
+#   source .gpu-bundle/bin/install.sh && python3 -m pip install -q --no-deps --no-build-isolation -e .
+#   bash benchmarks/gpu/runs.sh STEP OUT
+# Steps:
+#   correctness    FA3's window defect row by row (fa_window_diag.py) and the GPU kernel test (540 batches)
+#   speed          decode kernel vs copy bandwidth, prefill attention A/B, model-level error vs dense
+#   equality       the GPU equality test (5 configurations, bf16 vs the float32 reference)
+#   paused         paused chats, 32 and 64 chats x 65,536-token histories (S=4, W=4092)
+#   capacity       100 chats x 65,536-token uncached prompts arriving together
+#   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
+#   growing MODE   serving: 64 chats growing past 32k tokens by 1-4k per turn, 20% dropped (MODE: sinks,
+#                  dense, sliding)
+#   serve MODE     serving: 256 chats, the 150 s load of earlier sessions (MODE: sinks, dense)
+#   decode MODE    Workload A (bench_decode.py, MODE: sinks, sliding)
+set -uo pipefail
+STEP=$1
+OUT=$2
+mkdir -p "$OUT"
+export VLLM_WORKER_MULTIPROC_METHOD=spawn PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device_$STEP.txt"
+case $STEP in
+  correctness)
+    python3 benchmarks/gpu/fa_window_diag.py 2>&1 | tee "$OUT/fa_window_diag.log" | grep -E "^(bfloat|float|prediction)"
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels_test.log" | tail -15
+    ;;
+  speed)
+    python3 benchmarks/bench_kernel.py --out "$OUT/kernel_decode.json" 2>&1 | tail -8
+    python3 benchmarks/gpu/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | tail -4
+    python3 benchmarks/gpu/model_error.py --out "$OUT/model_error.json" > "$OUT/model_error.log" 2>&1
+    grep -E '^\{"(sinks|dense)' "$OUT/model_error.log" | tail -2
+    ;;
+  equality)
+    python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_equality.py 2>&1 | tee "$OUT/gpu_equality.log" | grep -E "mean|passed|failed|Error" | tail -12
+    ;;
+  paused)
+    python3 benchmarks/bench_paused_chats.py --chats 32,64 --history 65536 --out "$OUT/paused_chats.json" > "$OUT/paused_chats.log" 2>&1
+    grep -E '^\{"chats"|SINKS KV pool' "$OUT/paused_chats.log"
+    ;;
+  capacity)
+    python3 benchmarks/bench_capacity.py --chats 100 --prompt-len 65536 --out "$OUT/capacity.json" > "$OUT/capacity.log" 2>&1
+    grep -E 'SINKS (attention backend|KV pool)|"max_|"all_|"preemptions|"prompt_tok|"decode_tok|"min_free' "$OUT/capacity.log"
+    ;;
+  prefill_batch)
+    for chunk in 8192 16384; do
+      python3 benchmarks/bench_capacity.py --chats 64 --prompt-len 16384 --gen 16 --long-prefill-token-threshold $chunk \
+        --out "$OUT/prefill_batch_$chunk.json" > "$OUT/prefill_batch_$chunk.log" 2>&1
+      grep -E '"long_prefill|"prompt_tok|"all_started|"max_prefilling|"preemptions' "$OUT/prefill_batch_$chunk.log"
+    done
+    ;;
+  growing)
+    BENCH_ARGS="--user-words 280:1100 --until-prompt-tokens 32768 --max-tokens 64 --window-s 20 --sample-s 5" \
+      bash benchmarks/gpu/serve_load.sh "$3" "$OUT" "${4:-150}" 64 2>&1 | tail -25
+    ;;
+  serve)
+    bash benchmarks/gpu/serve_load.sh "$3" "$OUT" "${4:-150}" 256 2>&1 | grep -E '"(turns|output|p50|p99|errors)|ready|status' | head -20
+    ;;
+  decode)
+    python3 benchmarks/bench_decode.py --mode "$3" --out "$OUT/decode_$3.json" 2>&1 | tail -5
+    ;;
+  *) echo "unknown step $STEP" >&2; exit 2 ;;
+esac

@@ -1,0 +1,161 @@
+"""Live sessions (vllm_sinks.sessions) on vLLM's streaming-input requests under SINKS, CPU, tiny model:
+
+* a session fed messages M1, M2, ... gives, for each message, the reference's greedy continuation of one
+  StreamingLLM stream over M1 + R1 + M2 + R2 + ... (each reply without its last sampled token, which vLLM
+  never feeds back), far past S + W;
+* closing a session, or abandoning a reply mid-stream (the session is then aborted), returns every KV
+  block; a second message while a reply streams is refused and the session stays usable;
+* a 50,000-token session of short turns: the time per turn stays flat (the last 10 turns within 20% of the
+  first 10), blocks held stay bounded, and its first 2,000 tokens equal the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import pytest
+import torch
+
+S, W, B = 4, 60, 16
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    path = model_dir("hd64-gqa", head_dim=64, num_heads=4, num_kv_heads=2)
+    args = AsyncEngineArgs(model=path, attention_backend="SINKS", dtype="float32", enforce_eager=True,
+                           block_size=B, gpu_memory_utilization=0.3, max_model_len=200_000,
+                           additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}})  # fmt: skip
+    loop = asyncio.new_event_loop()  # one loop for the engine's life: its output handler runs on it
+    asyncio.set_event_loop(loop)
+    eng = AsyncLLM.from_engine_args(args)
+    yield eng, path, loop
+    eng.shutdown()
+    loop.close()
+    asyncio.set_event_loop(None)
+    del eng
+    gc.collect()
+
+
+def held_blocks() -> float:
+    """vllm_sinks:held_blocks as the SINKS stat logger last recorded it in this process."""
+    from prometheus_client import REGISTRY
+
+    for metric in REGISTRY.collect():
+        if metric.name == "vllm_sinks:held_blocks":
+            return sum(s.value for s in metric.samples)
+    raise AssertionError("no vllm_sinks:held_blocks metric")
+
+
+async def settle() -> float:
+    """Held blocks once the engine has logged a step after the last change."""
+    await asyncio.sleep(1.5)
+    return held_blocks()
+
+
+def reference_check(path: str, turns: list[tuple[list[int], list[int]]], limit: int) -> int:
+    """Runs the reference once over the stream of (message, reply) turns up to `limit` tokens; at each reply
+    token, the reference's argmax must be that token (or a genuine tie). Returns the tokens checked."""
+    from reference import StreamingLlama
+
+    ref = StreamingLlama(path, S, W)
+    ref.reset()
+    logits, seen, checked = None, 0, 0
+    for message, reply in turns:
+        for tok in message:
+            logits = ref.step(tok)
+            seen += 1
+        for i, tok in enumerate(reply):
+            top2 = torch.topk(logits, 2)
+            if int(top2.indices[0]) != tok:
+                assert (top2.values[0] - top2.values[1]).item() < 1e-4, f"reply token differs at {seen}"
+            checked += 1
+            if i == len(reply) - 1:
+                break  # the last sampled token is not part of the stream
+            logits = ref.step(tok)
+            seen += 1
+        if seen >= limit:
+            break
+    return checked
+
+
+def test_session_equals_one_streamingllm_stream_and_returns_its_blocks(engine):
+    from vllm_sinks.sessions import Session, SessionBusyError, SessionClosedError
+
+    eng, path, loop = engine
+
+    async def run():
+        g = torch.Generator().manual_seed(3)
+        messages = [torch.randint(3, 380, (n,), generator=g).tolist() for n in (100, 50, 70, 30, 90)]
+        session = Session(eng, temperature=0.0, ignore_eos=True)
+        turns = []
+        for m in messages:
+            async for reply in session.send(m, max_tokens=20):  # noqa: B007 - the last one is kept
+                pass
+            assert reply.finish_reason == "length" and len(reply.token_ids) == 20
+            turns.append((m, reply.token_ids))
+        held_open = await settle()
+        # A second message while a reply streams is refused; the first reply goes on.
+        first = session.send(messages[0], max_tokens=30)
+        await first.__anext__()
+        with pytest.raises(SessionBusyError):
+            await session.send(messages[1]).__anext__()
+        async for _ in first:
+            pass
+        await session.close()
+        with pytest.raises(SessionClosedError):
+            await session.send(messages[0]).__anext__()
+        held_closed = await settle()
+        # A client that goes away mid-reply: the session is aborted and returns its blocks.
+        other = Session(eng, temperature=0.0, ignore_eos=True)
+        async for _ in other.send(messages[0], max_tokens=10):
+            pass
+        gen = other.send(messages[1], max_tokens=50)
+        await gen.__anext__()
+        await gen.aclose()
+        held_aborted = await settle()
+        return turns, held_open, held_closed, held_aborted
+
+    turns, held_open, held_closed, held_aborted = loop.run_until_complete(run())
+    stream_len = sum(len(m) + len(r) - 1 for m, r in turns)
+    print(f"stream {stream_len} tokens; blocks held open {held_open}, after close {held_closed}, "
+          f"after an abandoned reply {held_aborted}")  # fmt: skip
+    assert stream_len > 5 * (S + W)
+    assert 0 < held_open <= 1 + -(-(W + 2 + 1) // B) + 1  # the live session holds its resumable state
+    assert held_closed == 0 and held_aborted == 0
+    assert reference_check(path, turns, stream_len) == sum(len(r) for _, r in turns)
+
+
+def test_50k_token_session_turn_time_stays_flat(engine):
+    from vllm_sinks.sessions import Session
+
+    eng, path, loop = engine
+
+    async def run():
+        g = torch.Generator().manual_seed(5)
+        session = Session(eng, temperature=0.0, ignore_eos=True)
+        turns, times, total = [], [], 0
+        while total < 50_000:
+            m = torch.randint(3, 380, (80,), generator=g).tolist()
+            t0 = time.perf_counter()
+            async for reply in session.send(m, max_tokens=20):  # noqa: B007 - the last one is kept
+                pass
+            times.append(time.perf_counter() - t0)
+            turns.append((m, reply.token_ids))
+            total += len(m) + len(reply.token_ids) - 1
+        held = await settle()
+        await session.close()
+        return turns, times, total, held
+
+    turns, times, total, held = loop.run_until_complete(run())
+    first, last = sorted(times[1:11])[4:6], sorted(times[-10:])[4:6]  # medians of 10 (turn 0: warm-up)
+    ratio = (sum(last) / 2) / (sum(first) / 2)
+    print(f"{len(turns)} turns, {total} tokens: median turn {sum(first) / 2 * 1e3:.1f} ms (turns 1-10) vs "
+          f"{sum(last) / 2 * 1e3:.1f} ms (last 10), x{ratio:.2f}; blocks held {held}")  # fmt: skip
+    assert total >= 50_000 and ratio < 1.2
+    assert held <= 1 + -(-(W + 2 + 1) // B) + 1
+    assert reference_check(path, turns, 2000) >= 2000 // 100 * 20

@@ -142,7 +142,7 @@ def cuda_path(c: dict, heads_per_program: int | None = None) -> dict:
     S, W, n = c["S"], c["W"], c["n"]
     group = c["heads"] // d["kc"].shape[2]
     prefill = max(c["q_lens"]) > 1
-    window = ops_cuda.exact_fa_window(W, c["head_size"]) if prefill else W
+    window = ops_cuda.exact_fa_window(W, c["head_size"], group) if prefill else W
     out = torch.full((n, c["heads"], c["head_size"]), float("nan"), dtype=c["dtype"], device="cuda")
     lse = fa_window(c, d, out, window) if window >= 0 else None
     torch.cuda.synchronize()

@@ -56,8 +56,10 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.sinks = sinks_config_from_vllm(vllm_config)
         self.aot_sliding_window = (self.sinks.window_tokens, 0)
-        self.prefill_fa_window = ops_cuda.exact_fa_window(self.sinks.window_tokens, kv_cache_spec.head_size)
         group = self.num_heads_q // self.num_heads_kv
+        self.prefill_fa_window = ops_cuda.exact_fa_window(
+            self.sinks.window_tokens, kv_cache_spec.head_size, group
+        )
         self.band_heads_per_program = min(group & -group, 8)
         self.rope: RotaryParams | None = None
         forward_context = vllm_config.compilation_config.static_forward_context

@@ -9,9 +9,10 @@ Per layer and step SINKS launches three kernels:
                          adds the band [t - W, t - W' - 1] and the sinks, a tile of tokens per program.
 Why two windows: FA3's IntraWGOverlap mainloop (vllm-project/flash-attention, hopper/; head dims 80-256)
 computes its causal-mask limits from the unshifted key length after shifting the keys to the window's
-start, so in a prefill chunk the first rows of a query tile see up to kBlockN - 1 - (W mod kBlockN) keys
-past their own position unless (W + 1) mod kBlockN = 0 (kBlockN: the key tile). Decode rows (one token per
-request) are never affected. benchmarks/gpu/fa_window_diag.py shows it.
+start, so in a prefill chunk the first rows of a query tile can see keys past their own position. Measured
+on an H100 (benchmarks/gpu/fa_window_diag.py): exact iff (W + 1) mod kBlockN = 0 and the query tile
+(kBlockM / GQA group tokens) spans at most kBlockN + 1 tokens (head size 256 without GQA: never exact).
+Decode rows (one token per request) are never affected.
 The kernels take device tensors only; the decode-step ones can be captured in CUDA graphs.
 """
 
@@ -229,26 +230,33 @@ def sink_attention_merge(
 
 
 # --- steps with prefill rows: FA3 on an exact window, the band and the sinks here --------------------------
-def fa3_key_tile(head_size: int) -> int | None:
-    """kBlockN of FA3's 16-bit local-attention forward kernel on SM90 when it uses the IntraWGOverlap
-    mainloop (hopper/tile_size.h: tile_size_fwd_sm90); None where it does not (head size <= 64)."""
+def fa3_tiles(head_size: int) -> tuple[int, int] | None:
+    """(kBlockM, kBlockN) of FA3's 16-bit local-attention forward kernel on SM90 when it uses the
+    IntraWGOverlap mainloop (hopper/tile_size.h: tile_size_fwd_sm90); None where it does not (<= 64)."""
     if head_size <= 64:
         return None
+    if head_size <= 96:
+        return 192, 128
     if head_size <= 128:
-        return 128
+        return 128, 128
     if head_size <= 192:
-        return 96
-    return 64
+        return 128, 96
+    return 128, 64
 
 
-def exact_fa_window(window_tokens: int, head_size: int) -> int:
-    """The largest left window W' <= W that FA3 computes exactly in prefill rows ((W' + 1) mod kBlockN = 0;
-    any W where the mainloop is unaffected); -1 when there is none (W < kBlockN - 1: no FA call, the band
-    kernel takes the whole window)."""
-    tile = fa3_key_tile(head_size)
-    if tile is None:
+def exact_fa_window(window_tokens: int, head_size: int, group: int = 1) -> int:
+    """The largest left window W' <= W that FA3 computes exactly in prefill rows, for query heads per KV
+    head `group`: W itself where the mainloop is unaffected; else (W' + 1) mod kBlockN = 0, provided a
+    query tile (kBlockM / group tokens, GQA packed) spans at most kBlockN + 1 tokens (H100, 2026-11-24:
+    head size 256 without GQA was off for every window, with GQA 2-8 exact). -1 when there is no such W'
+    (W < kBlockN - 1, or tiles too tall): no FA call, the band kernel takes the whole window."""
+    tiles = fa3_tiles(head_size)
+    if tiles is None:
         return window_tokens
-    return (window_tokens + 1) // tile * tile - 1
+    block_m, block_n = tiles
+    if -(-block_m // group) > block_n + 1:
+        return -1
+    return (window_tokens + 1) // block_n * block_n - 1
 
 
 # Query rows (tokens x heads) per band_sink_attention program, and keys per inner step.

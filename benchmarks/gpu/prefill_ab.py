@@ -106,8 +106,8 @@ def _bench(ctx: int, a, timed) -> dict:
             fa_version=fa_version,
         )  # fmt: skip
 
-    wx = ops_cuda.exact_fa_window(W, D)
     group = H // HK
+    wx = ops_cuda.exact_fa_window(W, D, group)
     hpp_default = min(group & -group, 8)
     qsl = list(range(0, n + 1, c))
     tiles = {}

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu/runs.sh STEP OUT
 # Steps:
 #   correctness    FA3's window defect row by row (fa_window_diag.py) and the GPU kernel test (540 batches)
+#   kernels        the GPU kernel test alone
 #   speed          decode kernel vs copy bandwidth, prefill attention A/B, model-level error vs dense
 #   equality       the GPU equality test (5 configurations, bf16 vs the float32 reference)
 #   paused         paused chats, 32 and 64 chats x 65,536-token histories (S=4, W=4092)
@@ -23,6 +24,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 case $STEP in
   correctness)
     python3 benchmarks/gpu/fa_window_diag.py 2>&1 | tee "$OUT/fa_window_diag.log" | grep -E "^(bfloat|float|prediction)"
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels_test.log" | tail -15
+    ;;
+  kernels)
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels_test.log" | tail -15
     ;;
   speed)

@@ -13,6 +13,7 @@
 #   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
 #   growing MODE   serving: 64 chats growing past 32k tokens by 1-4k per turn, 20% dropped (MODE: sinks,
 #                  dense, sliding)
+#   growing_stock [DURATION]  growing for dense, then sliding (one call, same host)
 #   serve MODE     serving: 256 chats, the 150 s load of earlier sessions (MODE: sinks, dense)
 #   decode MODE    Workload A (bench_decode.py, MODE: sinks, sliding)
 set -uo pipefail
@@ -56,6 +57,15 @@ case $STEP in
   growing)
     BENCH_ARGS="--user-words 280:1100 --until-prompt-tokens 32768 --max-tokens 64 --window-s 20 --sample-s 5" \
       bash benchmarks/gpu/serve_load.sh "$3" "$OUT" "${4:-150}" 64 2>&1 | tail -25
+    ;;
+  growing_stock)
+    for mode in dense sliding; do
+      BENCH_ARGS="--user-words 280:1100 --until-prompt-tokens 32768 --max-tokens 64 --window-s 20 --sample-s 5" \
+        bash benchmarks/gpu/serve_load.sh $mode "$OUT" "${3:-120}" 64 2>&1 | tail -4
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], {k: d[k] for k in \
+        ('turns_completed','output_tokens_per_s','ttft_ms','itl_ms','chats_past_until_prompt_tokens','prompt_tokens','preemptions')})" \
+        "$OUT/serve_$mode.json"
+    done
     ;;
   serve)
     bash benchmarks/gpu/serve_load.sh "$3" "$OUT" "${4:-150}" 256 2>&1 | grep -E '"(turns|output|p50|p99|errors)|ready|status' | head -20

@@ -14,8 +14,6 @@ steps where all N decode, and the capacity figures SINKS states at start-up, to 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import random
 import sys
@@ -46,10 +44,10 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     a = parse(argv)
-    from bench_decode import _device
     from bench_endless import _on_gpu
     from bench_paused_chats import StateTracker
     from model_shapes import model_dir
+    from run_record import device_and_mode_kwargs, emit, provenance
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -68,16 +66,7 @@ def main(argv=None) -> dict:
         kw["num_gpu_blocks_override"] = a.num_gpu_blocks
     if a.long_prefill_token_threshold:
         kw["long_prefill_token_threshold"] = a.long_prefill_token_threshold
-    if on_gpu:
-        kw.update(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization)
-    else:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        kw.update(dtype="float32", block_size=16, gpu_memory_utilization=0.3, enforce_eager=True)
-    if a.mode == "sinks":
-        sinks = {"sink_tokens": a.sink_tokens, "window_tokens": a.window_tokens}
-        kw.update(attention_backend="SINKS", additional_config={"sinks": sinks})
-    elif on_gpu:
-        kw.update(attention_backend="FLASH_ATTN")
+    kw.update(device_and_mode_kwargs(a.mode, on_gpu, a))
     t0 = time.perf_counter()
     llm = LLM(model=path, **kw)
     startup_s = time.perf_counter() - t0
@@ -154,15 +143,9 @@ def main(argv=None) -> dict:
         "decode_tok_s_all_decoding": round(decode_rate, 1) if decode_rate else None,
         "wall_s": round(steps[-1]["t"], 2),
         "startup_s": round(startup_s, 1),
-        "device": _device(),
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        **provenance(__file__, argv),
     }
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":

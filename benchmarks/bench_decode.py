@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -94,6 +93,7 @@ def engine_kwargs(a) -> tuple[str, dict]:
 def main(argv=None) -> dict:
     a = parse(argv)
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    from run_record import device
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     llm = LLM(model=path, **kw)
     startup_s = time.perf_counter() - t0
     if a.startup_only:
-        result = {"mode": a.mode, "startup_s": round(startup_s, 2), "device": _device()}
+        result = {"mode": a.mode, "startup_s": round(startup_s, 2), "device": device()}
         print(json.dumps(result))
         if a.out:
             with open(a.out, "w") as f:
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
         "block_size": cache.block_size,
         "kv_pool_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "engine_kwargs": {k: v for k, v in kw.items()},
-        "device": _device(),
+        "device": device(),
         "date": datetime.date.today().isoformat(),
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
     }
@@ -163,17 +163,6 @@ def main(argv=None) -> dict:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
     return result
-
-
-def _device() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except Exception:
-        pass
-    return f"cpu ({platform.processor() or platform.machine()})"
 
 
 if __name__ == "__main__":

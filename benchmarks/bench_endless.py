@@ -22,7 +22,6 @@ CPU smoke (CI): --shape tiny --streams 2 --lengths 200,400 --gen 12 --short-gen 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -51,8 +50,8 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the block counters are readable
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-    from bench_decode import _device
     from model_shapes import model_dir
+    from run_record import device_and_mode_kwargs, emit, provenance
     from vllm import LLM
 
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -62,16 +61,7 @@ def main(argv=None) -> dict:
     gens = {L: a.gen or a.short_gen + -(-a.streams * L // chunk) + a.timed_steps for L in lengths}
     kw = dict(load_format="dummy", enable_prefix_caching=False, max_num_seqs=a.streams,
               max_num_batched_tokens=chunk, max_model_len=max(L + gens[L] for L in lengths) + 16)  # fmt: skip
-    if on_gpu:
-        kw.update(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization)
-    else:  # CPU smoke (CI)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        kw.update(dtype="float32", block_size=16, gpu_memory_utilization=0.3, enforce_eager=True)
-    if a.mode == "sinks":
-        sinks = {"sink_tokens": a.sink_tokens, "window_tokens": a.window_tokens}
-        kw.update(attention_backend="SINKS", additional_config={"sinks": sinks})
-    elif on_gpu:
-        kw.update(attention_backend="FLASH_ATTN")
+    kw.update(device_and_mode_kwargs(a.mode, on_gpu, a))
     t0 = time.perf_counter()
     llm = LLM(model=path, **kw)
     startup_s = time.perf_counter() - t0
@@ -100,15 +90,9 @@ def main(argv=None) -> dict:
         "kv_pool_tokens": pool_tokens,
         "startup_s": round(startup_s, 1),
         "rows": rows,
-        "device": _device(),
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        **provenance(__file__, argv),
     }
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return emit(result, a.out)
 
 
 def _on_gpu() -> bool:

@@ -16,7 +16,6 @@ it needs the W tokens before the prompt's end, some of which left the window whi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -52,6 +51,7 @@ def parse(argv=None):
 def build_llm(a):
     from bench_endless import _on_gpu
     from model_shapes import model_dir
+    from run_record import device_and_mode_kwargs
     from vllm import LLM
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the block pool is readable
@@ -69,18 +69,7 @@ def build_llm(a):
         kw["max_num_batched_tokens"] = a.max_num_batched_tokens or 16384
     if a.num_gpu_blocks:
         kw["num_gpu_blocks_override"] = a.num_gpu_blocks
-    if on_gpu:
-        kw.update(dtype="bfloat16", gpu_memory_utilization=a.gpu_memory_utilization)
-    else:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        kw.update(dtype="float32", block_size=16, gpu_memory_utilization=0.3, enforce_eager=True)
-    if a.mode == "sinks":
-        kw.update(
-            attention_backend="SINKS",
-            additional_config={"sinks": {"sink_tokens": a.sink_tokens, "window_tokens": a.window_tokens}},
-        )
-    elif on_gpu:
-        kw.update(attention_backend="FLASH_ATTN")
+    kw.update(device_and_mode_kwargs(a.mode, on_gpu, a))
     return LLM(model=path, **kw), kw
 
 
@@ -189,7 +178,7 @@ def main(argv=None) -> dict:
     """--chats N: one case; --chats N1,N2,...: one case each in the same engine, the prefix cache reset in
     between (the result's `cases`)."""
     a = parse(argv)
-    from bench_decode import _device
+    from run_record import emit, provenance
 
     from vllm_sinks.introspection import scheduler_of
 
@@ -215,15 +204,9 @@ def main(argv=None) -> dict:
         "kv_pool_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
         "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
         **(cases[0] if len(cases) == 1 else {"cases": cases}),
-        "device": _device(),
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        **provenance(__file__, argv),
     }
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":

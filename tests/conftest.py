@@ -48,26 +48,37 @@ def model_dir(tmp_path_factory):
     return make
 
 
+def shut_down_live_engines() -> None:
+    """Shuts down every vLLM engine-core client still alive in this process (in-process engines and the
+    clients of engine-core processes) and collects them. vLLM's EngineCore calls gc.freeze() when it starts,
+    so an engine a test merely dropped is invisible to the collector: its worker processes and ZeroMQ
+    sockets live on, and pytest's final garbage collection then blocks forever in a ZeroMQ context's
+    term(). Tests shut their engines down (engines.shut_down); this catches any that were not."""
+    gc.unfreeze()
+    gc.collect()
+    client_mod = sys.modules.get("vllm.v1.engine.core_client")
+    if client_mod is not None:
+        for obj in gc.get_objects():
+            # Module first: an ABC instance check on every object would touch deprecated torch classes.
+            if type(obj).__module__ == client_mod.__name__ and isinstance(obj, client_mod.EngineCoreClient):
+                try:
+                    obj.shutdown()
+                except Exception:
+                    pass
+    gc.collect()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _shut_down_engines():
     """vLLM engines a module made go away with the module (while pytest still captures their shutdown logs),
     not at interpreter exit."""
     yield
-    gc.collect()
+    shut_down_live_engines()
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_engine_outlives_the_session():
-    """Shuts down any vLLM executor still alive at the end (an in-process engine kept by a reference
-    cycle), so its shutdown logs go to pytest's capture, not to a closed stream after the summary line."""
+    """The same at the end of the session, so shutdown logs go to pytest's capture and the run ends on its
+    summary line."""
     yield
-    gc.collect()
-    executor_mod = sys.modules.get("vllm.v1.executor.multiproc_executor")
-    if executor_mod is None:
-        return
-    for obj in gc.get_objects():
-        if isinstance(obj, executor_mod.MultiprocExecutor):
-            try:
-                obj.shutdown()
-            except Exception:
-                pass
+    shut_down_live_engines()

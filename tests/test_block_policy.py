@@ -9,12 +9,12 @@ Admission under pressure, eviction order and paused chats: test_eviction.py, tes
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 
 import pytest
 import torch
+from engines import shut_down
 
 S, W, B = 4, 60, 16
 CHUNK = 2048
@@ -40,8 +40,8 @@ def engine(model_dir):
         additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}},
     )
     yield llm, path
+    shut_down(llm)
     del llm
-    gc.collect()
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
 

@@ -7,10 +7,9 @@ batches; prompts are several times longer than S + W. Checked: every returned pr
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
+from engines import shut_down
 
 MODELS = {
     # name: TinyLlamaSpec fields
@@ -82,8 +81,8 @@ def run(request, model_dir, tmp_path_factory):
         [TokensPrompt(prompt_token_ids=p) for p in prompts],
         SamplingParams(max_tokens=GEN, temperature=0, ignore_eos=True, prompt_logprobs=8),
     )
+    shut_down(llm)
     del llm
-    gc.collect()
     return path, S, W, prompts, outs
 
 

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
+from engines import shut_down
 
 pytestmark = pytest.mark.gpu
 
@@ -41,8 +40,8 @@ def engine(request, model_dir):
         enable_prefix_caching=False,
     )
     yield llm, path, S, W
+    shut_down(llm)
     del llm
-    gc.collect()
     torch.cuda.empty_cache()
 
 

@@ -5,11 +5,11 @@ benchmarks/quality/prepare.py, which scripts/setup.sh runs). A prompt of natural
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 
 import pytest
+from engines import shut_down
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality"))
 
@@ -33,8 +33,8 @@ def test_qwen2_real_weights_equal_reference():
               additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}})  # fmt: skip
     params = SamplingParams(max_tokens=1, prompt_logprobs=1)
     out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params)[0]
+    shut_down(llm)
     del llm
-    gc.collect()
     ref = StreamingLlama(path, S, W).logprobs(ids)  # [PROMPT, vocab], float64
     worst = 0.0
     for i in range(1, len(ids)):

@@ -35,6 +35,12 @@ def engine(model_dir):
     eng = AsyncLLM.from_engine_args(args)
     yield eng, path, loop
     eng.shutdown()
+    # shutdown() cancels the output handler from outside the loop: let the loop finish the cancelled tasks,
+    # or they are reported as destroyed while pending at interpreter exit.
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
     asyncio.set_event_loop(None)
     del eng

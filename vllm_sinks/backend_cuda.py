@@ -108,11 +108,15 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
         )
 
     def _band_tiles(self, cm: CommonAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """band_sink_attention's tiles from the host's query_start_loc, copied into a persistent buffer."""
+        """band_sink_attention's tiles from the host's query_start_loc, copied into a persistent buffer.
+        The host tensor is pinned (PyTorch's caching host allocator keeps it until the copy has run): a
+        copy from pageable memory may synchronize with the stream (CUDA's API synchronization behavior),
+        which would stall the CPU's preparation of this step until the GPU finished the previous one."""
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
         reqs, starts = ops_cuda.band_tiles(qsl, ops_cuda.BAND_ROWS // self.band_heads_per_program)
         num = len(reqs)
-        self._tiles[:, :num].copy_(torch.tensor([reqs, starts], dtype=torch.int32), non_blocking=True)
+        host = torch.tensor([reqs, starts], dtype=torch.int32, pin_memory=True)
+        self._tiles[:, :num].copy_(host, non_blocking=True)
         return self._tiles[0, :num], self._tiles[1, :num]
 
     def _fill_cos_sin(self, positions: torch.Tensor, n: int) -> None:

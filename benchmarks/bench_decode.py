@@ -12,7 +12,6 @@ CPU smoke (CI): --shape tiny --streams 2 --prompt-len 64 --gen 24 --short-gen 8 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -93,7 +92,7 @@ def engine_kwargs(a) -> tuple[str, dict]:
 def main(argv=None) -> dict:
     a = parse(argv)
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-    from run_record import device
+    from run_record import device, emit, provenance
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -153,16 +152,9 @@ def main(argv=None) -> dict:
         "block_size": cache.block_size,
         "kv_pool_tokens": (cache.num_gpu_blocks or 0) * cache.block_size,
         "engine_kwargs": {k: v for k, v in kw.items()},
-        "device": device(),
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        **provenance(__file__, argv),
     }
-    print(json.dumps(result, indent=1))
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
             task.cancel()
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
-    first, last = samples[1], samples[-1]
+    first, last = samples[min(1, len(samples) - 2)], samples[-1]  # the first sample after warm-up
     grown_mib = last["rss_total_mib"] - first["rss_total_mib"]
     slope = grown_mib * 2**20 / max(1, last["tokens"] - first["tokens"])
     result = {

@@ -12,7 +12,6 @@ there. Reported per engine: mean, p99 and max absolute logprob error.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -93,7 +92,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # dense past the trained context (unused)
     from reference import StreamingLlama
-    from run_record import device, emit
+    from run_record import emit, provenance
 
     path = build_model(a.root)
     g = torch.Generator().manual_seed(11)
@@ -101,9 +100,7 @@ def main(argv=None) -> dict:
     result: dict = {
         "benchmark": "model-level logprob error vs float64 reference",
         "tokens": a.tokens,
-        "device": device(),
-        "date": datetime.date.today().isoformat(),
-        "command": "python3 " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        **provenance(__file__, argv),
     }
     dense = torch.tensor(logprobs(path, prompt, "FLASH_ATTN"))  # fmt: skip
     for W in (int(x) for x in a.windows.split(",")):

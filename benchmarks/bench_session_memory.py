@@ -59,10 +59,20 @@ async def grow(a: argparse.Namespace, engine) -> list[dict]:
             rss = tree_rss_mib()
             recent = sorted(times[-21:])
             turn_ms = round(recent[len(recent) // 2] * 1e3, 1) if recent else None
-            samples.append({"tokens": total, "rss_mib": {k: round(v, 1) for k, v in rss.items()},
-                            "rss_total_mib": round(sum(rss.values()), 1), "turn_ms_median_recent": turn_ms})
-            print(samples[-1]["tokens"], samples[-1]["rss_total_mib"], samples[-1]["turn_ms_median_recent"],
-                  flush=True)
+            samples.append(
+                {
+                    "tokens": total,
+                    "rss_mib": {k: round(v, 1) for k, v in rss.items()},
+                    "rss_total_mib": round(sum(rss.values()), 1),
+                    "turn_ms_median_recent": turn_ms,
+                }
+            )
+            print(
+                samples[-1]["tokens"],
+                samples[-1]["rss_total_mib"],
+                samples[-1]["turn_ms_median_recent"],
+                flush=True,
+            )
             next_sample += a.sample_every
         if total >= a.tokens:
             break

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=None,
                    help="stream limit (default: 2**20 under SINKS, dense: trained context)")  # fmt: skip
+    p.add_argument("--stop-after-tokens", type=int, default=None,
+                   help="end once the stream is this long (e.g. just past the trained context)")  # fmt: skip
     p.add_argument("--dtype", default=None, help="default: vLLM's (float32 on CPU)")
     p.add_argument("--out", default=None, help="JSON transcript")
     a = p.parse_args(argv)
@@ -131,6 +133,9 @@ def converse(llm, a: argparse.Namespace, model: str, argv) -> dict:
             new = first_turn(tok, prompt)
         else:
             new = tok.encode(after_reply + prompt + before_reply, add_special_tokens=False)
+        if a.stop_after_tokens and len(stream) >= a.stop_after_tokens:
+            print(f"--- stopped before prompt {i}: the stream ({len(stream)} tokens) reached its stop")
+            break
         if len(stream) + len(new) + a.max_new_tokens > limit:
             print(f"--- stopped before prompt {i}: the stream ({len(stream)} tokens) would pass {limit}")
             break

@@ -7,7 +7,7 @@ policy of StreamingLLM / `attention_sinks`:
   * each step appends the new token, rotates every cached key at its *cache index* and the query at the
     last index, attends over the whole cache (so the new token sees the cache and itself);
   * after the step, if the cache is longer than S + W it keeps the first S entries and the last W.
-Arithmetic in float64.
+Arithmetic in float64, on the CPU or (`device`, for models too large to run token by token there) a GPU.
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ def _inv_freq(config: dict, rotary_dim: int) -> torch.Tensor:
 class StreamingLlama:
     """Token-by-token StreamingLLM over a Llama or GPT-J checkpoint. `window_tokens=None`: full cache."""
 
-    def __init__(self, model_dir: str, sink_tokens: int, window_tokens: int | None):
+    def __init__(
+        self, model_dir: str, sink_tokens: int, window_tokens: int | None, device: str | torch.device = "cpu"
+    ):
         with open(os.path.join(model_dir, "config.json")) as f:
             self.config = c = json.load(f)
+        self.device = torch.device(device)
         weights = load_file(os.path.join(model_dir, "model.safetensors"))
-        self.w = {k: v.to(torch.float64) for k, v in weights.items()}
+        self.w = {k: v.to(self.device, torch.float64) for k, v in weights.items()}
+        del weights
         self.gptj = c.get("model_type") == "gptj"
         if self.gptj:
             self.n_layers, self.n_heads = c["n_layer"], c["n_head"]
@@ -57,7 +61,7 @@ class StreamingLlama:
             self.head_dim = c["n_embd"] // self.n_heads
             self.rotary_dim = c["rotary_dim"] or self.head_dim
             exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim
-            self.inv_freq = 1.0 / (10000.0**exponent)
+            self.inv_freq = (1.0 / (10000.0**exponent)).to(self.device)
             self.eps = c.get("layer_norm_epsilon", 1e-5)
         else:
             self.n_layers = c["num_hidden_layers"]
@@ -67,19 +71,16 @@ class StreamingLlama:
             rope = c.get("rope_parameters") or {}
             partial = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
             self.rotary_dim = int(self.head_dim * partial)
-            self.inv_freq = _inv_freq(c, self.rotary_dim)
+            self.inv_freq = _inv_freq(c, self.rotary_dim).to(self.device)
             self.eps = c.get("rms_norm_eps", 1e-6)
         self.S = sink_tokens
         self.W = window_tokens
         self.reset()
 
     def reset(self) -> None:
-        self.k_cache = [
-            torch.zeros(0, self.n_kv, self.head_dim, dtype=torch.float64) for _ in range(self.n_layers)
-        ]
-        self.v_cache = [
-            torch.zeros(0, self.n_kv, self.head_dim, dtype=torch.float64) for _ in range(self.n_layers)
-        ]
+        empty = dict(dtype=torch.float64, device=self.device)
+        self.k_cache = [torch.zeros(0, self.n_kv, self.head_dim, **empty) for _ in range(self.n_layers)]
+        self.v_cache = [torch.zeros(0, self.n_kv, self.head_dim, **empty) for _ in range(self.n_layers)]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
@@ -102,7 +103,7 @@ class StreamingLlama:
         keys = torch.cat((self.k_cache[i], k[None]), dim=0)
         values = torch.cat((self.v_cache[i], v[None]), dim=0)
         m = keys.shape[0]
-        idx = torch.arange(m)
+        idx = torch.arange(m, device=self.device)
         k_rot = self._rotate(keys, idx)
         q_rot = self._rotate(q[None], idx[-1:])[0]
         group = self.n_heads // self.n_kv
@@ -169,6 +170,14 @@ class StreamingLlama:
         """[len(tokens), vocab] log-probabilities of the next token after each prefix, from a fresh cache."""
         self.reset()
         return torch.stack([torch.log_softmax(self.step(t), dim=-1) for t in tokens])
+
+    def token_logprobs(self, tokens: list[int]) -> list[float]:
+        """log p(tokens[i + 1] | tokens[: i + 1]) for every i, from a fresh cache (no [n, vocab] matrix)."""
+        self.reset()
+        out = []
+        for i in range(len(tokens) - 1):
+            out.append(float(torch.log_softmax(self.step(tokens[i]), dim=-1)[tokens[i + 1]]))
+        return out
 
     def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
         """Greedy continuation of `prompt` from a fresh cache."""

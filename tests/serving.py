@@ -37,12 +37,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(model: str, args: list[str], log_path: str, timeout_s: float = 400) -> Iterator[Server]:
+def vllm_server(
+    model: str, args: list[str], log_path: str, timeout_s: float = 400, env: dict[str, str] | None = None
+) -> Iterator[Server]:
     port = _free_port()
     vllm_cmd = shutil.which("vllm", path=os.path.dirname(sys.executable)) or "vllm"
     cmd = [vllm_cmd, "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
+    extra_env = env
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env.update(extra_env or {})
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         server = Server(f"http://127.0.0.1:{port}", model, proc, log_path)

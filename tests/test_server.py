@@ -1,6 +1,8 @@
 """End to end: `vllm serve MODEL --attention-backend SINKS` as a subprocess on 127.0.0.1, driven through the
 `openai` client: a streamed chat reply, OpenAI-style 4xx for bad requests while the server keeps serving,
-and SINKS named in the server log."""
+and SINKS named in the server log. The server loads the plugin's endpoints (VLLM_PLUGINS=sinks): live
+sessions over HTTP (/v1/sessions), their errors, a client that disconnects mid-reply, the idle timeout, and
+no KV block left held afterwards."""
 
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ SINKS_ARGS = [
 ]  # fmt: skip
 
 
+SESSION_ENV = {"VLLM_PLUGINS": "sinks", "VLLM_SINKS_MAX_SESSIONS": "3", "VLLM_SINKS_SESSION_IDLE_S": "8",
+               "VLLM_SINKS_MAX_MESSAGE_TOKENS": "300"}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     path = model_dir()
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
-    with vllm_server(path, SINKS_ARGS, log_path) as srv:
+    with vllm_server(path, SINKS_ARGS, log_path, env=SESSION_ENV) as srv:
         yield srv.base_url, path, srv.proc, srv
 
 
@@ -93,3 +99,118 @@ def test_metrics_endpoint_exports_sinks_metrics(server):
     assert values["vllm_sinks:held_blocks"] == 0 and values["vllm_sinks:streams"] == 0  # all finished
     assert f"up to {int(streams)} streams decode at once" in srv.log()
     assert f"a stream holds <= {int(decode)} KV blocks decoding, <= {int(bound)} prefilling" in srv.log()
+
+
+def _sse(resp, lines=None) -> tuple[str, list[dict]]:
+    """(reply text, chunks) of a /v1/sessions/ID/messages event stream read to its [DONE] (`lines`: the
+    response's line iterator when some lines were already read)."""
+    import json
+
+    chunks = []
+    for line in lines if lines is not None else resp.iter_lines():
+        if line.startswith("data: "):
+            if line == "data: [DONE]":
+                return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks), chunks
+            chunks.append(json.loads(line[6:]))
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def _held_blocks_after_a_step(base: str, path: str) -> dict:
+    """The plugin's block metrics after one more engine step (they are recorded per step)."""
+    import urllib.request
+
+    import openai
+
+    openai.OpenAI(base_url=base + "/v1", api_key="unused").completions.create(
+        model=path, prompt="hi", max_tokens=2, temperature=0)  # fmt: skip
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0].split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("vllm_sinks:")}  # fmt: skip
+
+
+def test_session_over_http(server):
+    """Create, two messages (chat template on the first, the second appended), list, close; then 404."""
+    import httpx
+
+    base, path, _, _ = server
+    with httpx.Client(base_url=base, timeout=60) as c:
+        sid = c.post("/v1/sessions", json={"max_tokens": 24, "temperature": 0}).json()["id"]
+        for msg in ("tell me about the sea", "and about the mountains"):
+            with c.stream("POST", f"/v1/sessions/{sid}/messages", json={"content": msg}) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                text, chunks = _sse(r)
+            assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+            assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+        info = {s["id"]: s for s in c.get("/v1/sessions").json()["data"]}[sid]
+        assert info["messages"] == 2 and info["tokens"] > 0 and not info["streaming"]
+        assert c.delete(f"/v1/sessions/{sid}").json()["deleted"] is True
+        r = c.post(f"/v1/sessions/{sid}/messages", json={"content": "hello?"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+    m = _held_blocks_after_a_step(base, path)
+    assert m["vllm_sinks:live_sessions"] == 0 and m["vllm_sinks:held_blocks"] == 0
+
+
+def test_session_errors_are_4xx_and_nothing_is_lost(server):
+    """Bad bodies 400, oversized 413, a second message while a reply streams 409 (the session stays
+    usable), over the cap 429; a client gone mid-reply ends its session and frees its blocks."""
+    import time
+
+    import httpx
+
+    base, path, proc, _ = server
+    with httpx.Client(base_url=base, timeout=60) as c:
+        sid = c.post("/v1/sessions", json={"ignore_eos": True}).json()["id"]  # a random model's EOS
+        assert c.post("/v1/sessions", json={"max_tokens": -1}).status_code == 400
+        assert c.post("/v1/sessions", json={"colour": "red"}).status_code == 400
+        assert c.post(f"/v1/sessions/{sid}/messages", content=b"not json").status_code == 400
+        assert c.post(f"/v1/sessions/{sid}/messages", json={}).status_code == 400
+        r = c.post(f"/v1/sessions/{sid}/messages", json={"prompt": "word " * 400})
+        assert r.status_code == 413 and "VLLM_SINKS_MAX_MESSAGE_TOKENS" in r.json()["error"]["message"]
+        # A second message while the reply streams: 409, and the session answers afterwards.
+        body = {"prompt": "once upon a time", "max_tokens": 600}
+        with c.stream("POST", f"/v1/sessions/{sid}/messages", json=body) as r:
+            lines = r.iter_lines()
+            next(lines)
+            busy = c.post(f"/v1/sessions/{sid}/messages", json={"prompt": "again"})
+            assert busy.status_code == 409 and busy.json()["error"]["code"] == "session_busy"
+            _sse(r, lines)
+        short = {"prompt": " and then", "max_tokens": 8}
+        with c.stream("POST", f"/v1/sessions/{sid}/messages", json=short) as r:
+            assert r.status_code == 200 and _sse(r)[1]
+        # The cap (3): two more fit, the fourth is refused.
+        others = [c.post("/v1/sessions", json={"ignore_eos": True}).json()["id"] for _ in range(2)]
+        r = c.post("/v1/sessions", json={})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_sessions"
+        # A client that disconnects mid-reply: the session ends (404 afterwards) and returns its blocks.
+        with c.stream("POST", f"/v1/sessions/{others[0]}/messages", json=body) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 4:
+                    break
+        deadline = time.time() + 30
+        while others[0] in {s["id"] for s in c.get("/v1/sessions").json()["data"]}:
+            assert time.time() < deadline, "the disconnected session is still listed"
+            time.sleep(0.5)
+        assert c.post(f"/v1/sessions/{others[0]}/messages", json={"prompt": "x"}).status_code == 404
+        for s in (sid, others[1]):
+            assert c.delete(f"/v1/sessions/{s}").status_code == 200
+    m = _held_blocks_after_a_step(base, path)
+    assert m["vllm_sinks:live_sessions"] == 0 and m["vllm_sinks:held_blocks"] == 0 and proc.poll() is None
+
+
+def test_idle_session_times_out(server):
+    """VLLM_SINKS_SESSION_IDLE_S=8 here: an unused session is closed (and its blocks returned)."""
+    import time
+
+    import httpx
+
+    base, path, _, _ = server
+    with httpx.Client(base_url=base, timeout=60) as c:
+        sid = c.post("/v1/sessions", json={"max_tokens": 4}).json()["id"]
+        with c.stream("POST", f"/v1/sessions/{sid}/messages", json={"prompt": "hello"}) as r:
+            _sse(r)
+        deadline = time.time() + 30
+        while sid in {s["id"] for s in c.get("/v1/sessions").json()["data"]}:  # listing does not touch it
+            assert time.time() < deadline, "the idle session was not closed"
+            time.sleep(2)
+        assert c.post(f"/v1/sessions/{sid}/messages", json={"prompt": "x"}).status_code == 404
+    assert _held_blocks_after_a_step(base, path)["vllm_sinks:held_blocks"] == 0

@@ -69,6 +69,15 @@ class Session:
         self.tokens_sent = 0
         self._params = SamplingParams  # the class, for per-message params
 
+    @property
+    def busy(self) -> bool:
+        """A reply is streaming (a message now would raise SessionBusyError)."""
+        return self._busy
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def _input_stream(self):
         from vllm.engine.protocol import StreamingInput
 

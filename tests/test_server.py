@@ -214,3 +214,19 @@ def test_idle_session_times_out(server):
             time.sleep(2)
         assert c.post(f"/v1/sessions/{sid}/messages", json={"prompt": "x"}).status_code == 404
     assert _held_blocks_after_a_step(base, path)["vllm_sinks:held_blocks"] == 0
+
+
+def test_session_chat_example(server):
+    """examples/session_chat.py: the streaming demo's prompts as one live session over HTTP."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import session_chat
+
+    base, path, _, _ = server
+    turns = session_chat.converse(base, prompts=3, max_tokens=12, quiet=True)
+    assert len(turns) == 3
+    tokens = [t["session_tokens"] for t in turns]
+    assert tokens[0] > 0 and tokens[0] < tokens[1] < tokens[2]  # one growing session
+    assert _held_blocks_after_a_step(base, path)["vllm_sinks:live_sessions"] == 0  # closed at the end

@@ -293,6 +293,9 @@ def build_router() -> APIRouter:
                         sent = len(reply.text)
                 yield "data: [DONE]\n\n"
                 done = True
+            except Exception as e:  # the engine failed mid-reply: send() aborted the session; say so
+                err = HTTPError(500, f"the reply failed ({e}); the session was closed", "engine_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
             finally:
                 live.last_used = time.monotonic()
                 if not done:  # the client went away mid-reply: send() aborts the session (its blocks return)

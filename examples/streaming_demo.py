@@ -44,23 +44,6 @@ PROMPTS = [
 ]
 
 
-def chat_pieces(tokenizer) -> tuple[str, str]:
-    """(text that closes an assistant turn and opens a user turn, text that closes the user turn and opens
-    the assistant's), read off the model's chat template."""
-    msgs = [{"role": "user", "content": "X"}, {"role": "assistant", "content": "@@A@@"},
-            {"role": "user", "content": "@@U@@"}]  # fmt: skip
-    full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    after_reply = full[full.index("@@A@@") + 5 : full.index("@@U@@")]
-    return after_reply, full[full.index("@@U@@") + 5 :]
-
-
-def first_turn(tokenizer, prompt: str) -> list[int]:
-    """The chat template applied to one user message, ready for the assistant's reply."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def distinct_pairs(words: list[str]) -> float:
     pairs = list(zip(words, words[1:], strict=False))
     return len(set(pairs)) / len(pairs) if pairs else 1.0
@@ -118,10 +101,14 @@ def converse(llm, a: argparse.Namespace, model: str, argv) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from vllm_sinks.chat_turns import chat_pieces, user_turn
+
     tok = llm.get_tokenizer()
     limit = llm.llm_engine.vllm_config.model_config.max_model_len
     trained = getattr(llm.llm_engine.vllm_config.model_config.hf_text_config, "max_position_embeddings", None)
-    after_reply, before_reply = chat_pieces(tok)
+    pieces = chat_pieces(tok)
+    if pieces is None:
+        raise SystemExit(f"{model} has no chat template: the demo needs a chat model")
     greedy = SamplingParams(temperature=0.0, max_tokens=a.max_new_tokens)
     score = SamplingParams(max_tokens=1, prompt_logprobs=0)
     stream: list[int] = []
@@ -129,10 +116,7 @@ def converse(llm, a: argparse.Namespace, model: str, argv) -> dict:
     print(f"experiment {a.experiment}: {model}, trained context {trained}, stream limit {limit}")
     for i in range(a.prompts):
         prompt = PROMPTS[i % len(PROMPTS)]
-        if not stream:
-            new = first_turn(tok, prompt)
-        else:
-            new = tok.encode(after_reply + prompt + before_reply, add_special_tokens=False)
+        new = user_turn(tok, prompt, pieces if stream else None)
         if a.stop_after_tokens and len(stream) >= a.stop_after_tokens:
             print(f"--- stopped before prompt {i}: the stream ({len(stream)} tokens) reached its stop")
             break
@@ -146,7 +130,7 @@ def converse(llm, a: argparse.Namespace, model: str, argv) -> dict:
         reply = [t for t in out.outputs[0].token_ids if t != tok.eos_token_id]
         stream += reply
         # The reply after its own prompt alone: a fresh, short context (plain attention under SINKS too).
-        fresh = first_turn(tok, prompt)
+        fresh = user_turn(tok, prompt)
         scored = llm.generate([TokensPrompt(prompt_token_ids=fresh + reply)], score, use_tqdm=False)[0]
         lps = [scored.prompt_logprobs[j][t].logprob for j, t in enumerate(reply, start=len(fresh)) if j > 0]
         ppl = math.exp(-sum(lps) / len(lps)) if lps else float("nan")

@@ -174,10 +174,9 @@ class StreamingLlama:
     def token_logprobs(self, tokens: list[int]) -> list[float]:
         """log p(tokens[i + 1] | tokens[: i + 1]) for every i, from a fresh cache (no [n, vocab] matrix)."""
         self.reset()
-        out = []
-        for i in range(len(tokens) - 1):
-            out.append(float(torch.log_softmax(self.step(tokens[i]), dim=-1)[tokens[i + 1]]))
-        return out
+        with torch.inference_mode():
+            pairs = zip(tokens, tokens[1:], strict=False)
+            return [float(torch.log_softmax(self.step(t), dim=-1)[nxt]) for t, nxt in pairs]
 
     def greedy(self, prompt: list[int], max_tokens: int) -> list[int]:
         """Greedy continuation of `prompt` from a fresh cache."""

@@ -43,12 +43,11 @@ def vllm_server(
     port = _free_port()
     vllm_cmd = shutil.which("vllm", path=os.path.dirname(sys.executable)) or "vllm"
     cmd = [vllm_cmd, "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
-    extra_env = env
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    env.update(extra_env or {})
+    proc_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    proc_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    proc_env.update(env or {})
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
         server = Server(f"http://127.0.0.1:{port}", model, proc, log_path)
         try:
             deadline = time.time() + timeout_s

@@ -32,6 +32,7 @@ from typing import Any
 from fastapi import APIRouter, Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from vllm_sinks.chat_turns import chat_pieces, user_turn
 from vllm_sinks.sessions import Session, SessionBusyError, SessionClosedError
 
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "ignore_eos", "min_tokens")
@@ -67,17 +68,6 @@ class HTTPError(Exception):
         return {"error": {"message": self.message, "type": kind, "code": self.code}}
 
 
-def chat_pieces(tokenizer: Any) -> tuple[str, str] | None:
-    """(text closing an assistant turn and opening a user turn, text closing the user turn and opening the
-    assistant's), read off the tokenizer's chat template; None when it has none."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    msgs = [{"role": "user", "content": "X"}, {"role": "assistant", "content": "@@A@@"},
-            {"role": "user", "content": "@@U@@"}]  # fmt: skip
-    full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return full[full.index("@@A@@") + 5 : full.index("@@U@@")], full[full.index("@@U@@") + 5 :]
-
-
 @dataclass
 class LiveSession:
     """A registry entry: the Session, its defaults and when it was last used."""
@@ -86,11 +76,10 @@ class LiveSession:
     max_tokens: int
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
-    turns: int = 0
 
     def info(self) -> dict:
         s = self.session
-        return {"id": s.session_id, "object": "session", "created": int(self.created), "messages": self.turns,
+        return {"id": s.session_id, "object": "session", "created": int(self.created), "messages": s.messages,
                 "tokens": s.tokens_sent, "streaming": s.busy}  # fmt: skip
 
 
@@ -122,7 +111,6 @@ class SessionRegistry:
         live = LiveSession(Session(self.engine, sid, **sampling), max_tokens)
         self.sessions[sid] = live
         self._ensure_reaper()
-        _live_sessions_gauge(self)
         return live
 
     def get(self, sid: str) -> LiveSession:
@@ -143,25 +131,24 @@ class SessionRegistry:
         key = "content" if "content" in body else "prompt"
         if not isinstance(body[key], str) or not body[key]:
             raise HTTPError(400, f'"{key}" must be a non-empty string', "invalid_body")
+        first = live.session.messages == 0
         if key == "prompt":
-            return tok.encode(body[key], add_special_tokens=live.turns == 0)
+            return tok.encode(body[key], add_special_tokens=first)
         if self._pieces is False:
             self._pieces = chat_pieces(tok)
         if self._pieces is None:
             msg = 'this model has no chat template; send raw text as "prompt"'
             raise HTTPError(400, msg, "no_chat_template")
-        if live.turns == 0:
-            text = tok.apply_chat_template([{"role": "user", "content": body[key]}], tokenize=False,
-                                           add_generation_prompt=True)  # fmt: skip
-        else:
-            after_reply, before_reply = self._pieces
-            text = after_reply + body[key] + before_reply
-        return tok.encode(text, add_special_tokens=False)
+        return user_turn(tok, body[key], None if first else self._pieces)
 
     async def close(self, sid: str) -> None:
         live = self.sessions.pop(sid, None)
-        if live is not None:
-            await live.session.abort() if live.session.busy else await live.session.close()
+        if live is None:
+            return
+        if live.session.busy:
+            await live.session.abort()
+        else:
+            await live.session.close()
 
     def forget(self, sid: str) -> None:
         self.sessions.pop(sid, None)
@@ -254,7 +241,6 @@ def build_router() -> APIRouter:
                                 "message_too_long")  # fmt: skip
         except HTTPError as e:
             return answer(e)
-        live.turns += 1
         live.last_used = time.monotonic()
         replies = live.session.send(ids, max_tokens=max_tokens)
         try:  # the first piece before the response starts: a refusal still gets its status code
@@ -274,8 +260,8 @@ def build_router() -> APIRouter:
         created = int(time.time())
 
         def chunk(delta: dict, finish: str | None) -> str:
-            obj = {"id": f"{sid}-{live.turns}", "object": "chat.completion.chunk", "created": created,
-                   "model": reg.model_name,
+            obj = {"id": f"{sid}-{live.session.messages}", "object": "chat.completion.chunk",
+                   "created": created, "model": reg.model_name,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
             return f"data: {json.dumps(obj)}\n\n"
 

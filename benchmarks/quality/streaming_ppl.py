@@ -141,19 +141,10 @@ def make_llm(
 
 def reference_logprobs(model: str, tokens: list[int], sink_tokens: int, window_tokens: int) -> list[float]:
     """The independent float64 StreamingLLM (tests/reference.py), token by token."""
-    import torch
-    from tqdm import tqdm
-
     sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
     from reference import StreamingLlama
 
-    ref = StreamingLlama(model, sink_tokens, window_tokens)
-    out = []
-    with torch.inference_mode():
-        desc = f"reference {sink_tokens}+{window_tokens}"
-        for i in tqdm(range(len(tokens) - 1), desc=desc, mininterval=2.0):
-            out.append(float(torch.log_softmax(ref.step(tokens[i]), dim=-1)[tokens[i + 1]]))
-    return out
+    return StreamingLlama(model, sink_tokens, window_tokens).token_logprobs(tokens)
 
 
 def evaluate(config: dict, model: str, tokens: list[int], dtype: str, gpu_util: float, a) -> dict:

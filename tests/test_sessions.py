@@ -2,7 +2,7 @@
 
 * a session fed messages M1, M2, ... gives, for each message, the reference's greedy continuation of one
   StreamingLLM stream over M1 + R1 + M2 + R2 + ... (each reply without its last sampled token, which vLLM
-  never feeds back), far past S + W;
+  never feeds back), far past S + W; each reply is as long as its own message's max_tokens;
 * closing a session, or abandoning a reply mid-stream (the session is then aborted), returns every KV
   block; a second message while a reply streams is refused and the session stays usable;
 * a 50,000-token session of short turns: the time per turn stays flat (the last 10 turns within 20% of the
@@ -99,10 +99,10 @@ def test_session_equals_one_streamingllm_stream_and_returns_its_blocks(engine):
         messages = [torch.randint(3, 380, (n,), generator=g).tolist() for n in (100, 50, 70, 30, 90)]
         session = Session(eng, temperature=0.0, ignore_eos=True)
         turns = []
-        for m in messages:
-            async for reply in session.send(m, max_tokens=20):  # noqa: B007 - the last one is kept
+        for m, max_tokens in zip(messages, (20, 4, 25, 1, 20), strict=True):  # own limits: vllm#37842
+            async for reply in session.send(m, max_tokens=max_tokens):  # noqa: B007 - the last one is kept
                 pass
-            assert reply.finish_reason == "length" and len(reply.token_ids) == 20
+            assert reply.finish_reason == "length" and len(reply.token_ids) == max_tokens
             turns.append((m, reply.token_ids))
         held_open = await settle()
         # A second message while a reply streams is refused; the first reply goes on.
@@ -165,3 +165,19 @@ def test_50k_token_session_turn_time_stays_flat(engine):
     assert total >= 50_000 and ratio < 1.2
     assert held <= 1 + -(-(W + 2 + 1) // B) + 1
     assert reference_check(path, turns, 2000) >= 2000 // 100 * 20
+
+
+def test_session_tokens_mirror_appends_and_refuse_a_rewritten_prompt():
+    """The int32 hand-off (vllm_sinks.session_tokens): each view equals the prompt; an earlier view is not
+    changed by later growth; a prompt that shrank or changed where it was mirrored is refused."""
+    from vllm_sinks.session_tokens import SessionTokens
+
+    tokens, prompt = SessionTokens(), list(range(5))
+    first = tokens.view(prompt)
+    prompt += list(range(5, 3000))
+    second = tokens.view(prompt)
+    assert first.tolist() == list(range(5)) and second.tolist() == prompt and second.dtype.name == "int32"
+    with pytest.raises(RuntimeError, match="rewritten"):
+        tokens.view(prompt[:10])
+    with pytest.raises(RuntimeError, match="rewritten"):
+        tokens.view(prompt[:-1] + [7, 8])

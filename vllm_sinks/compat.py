@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import os
 
 from vllm.logger import init_logger
 
@@ -338,6 +339,44 @@ def _patch_scheduler_stats() -> None:
     Scheduler.__init__ = __init__
 
 
+# --- 7. live sessions: a turn hands the worker its new tokens' worth of work -------------------------------
+def _patch_session_handoff() -> None:
+    """vllm.v1.core.sched.scheduler.Scheduler._update_request_as_session appends a turn to a streaming-input
+    request's prompt; under SINKS the request is then tracked by vllm_sinks.session_tokens, and it takes the
+    turn's max_tokens (vLLM 0.26 keeps the first input's Request.max_tokens for every later one, so a reply
+    is capped by the first message's limit: vllm-project/vllm#37842).
+    vllm.v1.core.sched.output.NewRequestData.from_request hands a resumed session to the worker with its
+    whole prompt as a Python list (converted element by element by InputBatch.add_request: O(history) per
+    turn); for a tracked request it passes session_tokens' int32 view instead (one memcpy).
+    VLLM_SINKS_STOCK_SESSION_HANDOFF=1 leaves vLLM's hand-off (the list) in place, for A/B benchmarks."""
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_sinks import session_tokens
+
+    stock_handoff = os.environ.get("VLLM_SINKS_STOCK_SESSION_HANDOFF") == "1"
+    original_update = Scheduler._update_request_as_session
+    original_from_request = NewRequestData.from_request.__func__
+
+    @functools.wraps(original_update)
+    def _update_request_as_session(self, session, update):
+        original_update(self, session, update)
+        if getattr(self, "_vllm_sinks_active", False):
+            session.max_tokens = update.max_tokens
+            if not stock_handoff:
+                session_tokens.track(session)
+
+    @functools.wraps(original_from_request)
+    def from_request(cls, request, block_ids, prefill_token_ids=None):
+        data = original_from_request(cls, request, block_ids, prefill_token_ids)
+        if prefill_token_ids is None:
+            data.prompt_token_ids = session_tokens.prompt_for_worker(request)
+        return data
+
+    Scheduler._update_request_as_session = _update_request_as_session
+    NewRequestData.from_request = classmethod(from_request)
+
+
 def apply_patches() -> None:
     """Installs every patch once per process."""
     global _PATCHED
@@ -353,4 +392,5 @@ def apply_patches() -> None:
     _patch_engine_config()
     _patch_max_model_len()
     _patch_scheduler_stats()
+    _patch_session_handoff()
     _PATCHED = True

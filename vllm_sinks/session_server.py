@@ -31,11 +31,21 @@ from typing import Any
 
 from fastapi import APIRouter, Request  # module level: FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, StreamingResponse
+from vllm import SamplingParams
 
 from vllm_sinks.chat_turns import chat_pieces, user_turn
 from vllm_sinks.sessions import Session, SessionBusyError, SessionClosedError
 
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "ignore_eos", "min_tokens")
+_SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "ignore_eos",
+    "min_tokens",
+    "allowed_token_ids",
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,10 @@ class SessionRegistry:
         if unknown:
             allowed = ", ".join(("max_tokens", *_SAMPLING_KEYS))
             raise HTTPError(400, f"unknown field(s) {unknown}; allowed: {allowed}", "invalid_body")
+        try:  # vLLM's own checks of the values, at creation rather than at the first message
+            SamplingParams(max_tokens=max_tokens, **sampling)
+        except (TypeError, ValueError) as e:
+            raise HTTPError(400, f"invalid sampling settings: {e}", "invalid_body") from None
         sid = f"sess-{uuid.uuid4().hex}"
         live = LiveSession(Session(self.engine, sid, **sampling), max_tokens)
         self.sessions[sid] = live

@@ -16,6 +16,9 @@
 #   growing_stock [DURATION]  growing for dense, then sliding (one call, same host)
 #   serve MODE     serving: 256 chats, the 150 s load of earlier sessions (MODE: sinks, dense)
 #   decode MODE    Workload A (bench_decode.py, MODE: sinks, sliding, dense)
+#   session_turns HANDOFF  one live session's turn latency at 16k / 256k / 1M tokens of history, 8B shape
+#                  (bench_session_turns.py; HANDOFF: sinks, or stock for vLLM's own hand-off of a resumed session)
+#   sessions_http [DURATION]  64 live HTTP sessions (/v1/sessions), 20% of replies dropped, then the final check
 # Real weights (Qwen2.5-Coder-1.5B-Instruct, head dim 128): the GPU host cannot reach a registry, so the GGUF
 # file travels split in .qdata/ (ignored; made by `bash benchmarks/gpu/stage_qwen.sh`), one part per call:
 #   stash_data     copy the .qdata files this call carried to /root/qstash (before the bundle is installed)
@@ -86,6 +89,16 @@ case $STEP in
     ;;
   decode)
     python3 benchmarks/bench_decode.py --mode "$3" --out "$OUT/decode_$3.json" 2>&1 | tail -5
+    ;;
+  session_turns)
+    python3 benchmarks/bench_session_turns.py --shape llama3-8b --checkpoints 16384,65536,262144,1048576 --handoff "$3" \
+      --out "$OUT/session_turns_$3.json" > "$OUT/session_turns_$3.log" 2>&1
+    grep -E "^\{'session_tokens'|Error" "$OUT/session_turns_$3.log" | tail -6
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['median_ratio_to_first'], \
+      d['rss_bytes_per_session_token'])" "$OUT/session_turns_$3.json"
+    ;;
+  sessions_http)
+    CLIENT=sessions bash benchmarks/gpu/serve_load.sh sinks "$OUT" "${3:-300}" 64 2>&1 | tail -40
     ;;
   qwen_prepare)
     mkdir -p "$VLLM_SINKS_DATA"

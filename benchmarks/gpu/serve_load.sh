@@ -7,7 +7,8 @@
 # Writes OUTDIR/serve_MODE.json (bench_serve.py's result) and OUTDIR/server_MODE.log.
 # Environment: SHAPE (benchmarks/model_shapes.py), WINDOW, DTYPE, GPU_UTIL, BENCH_ARGS (more bench_serve.py
 # options, e.g. growing chats: BENCH_ARGS="--user-words 280:1100 --until-prompt-tokens 32768 --max-tokens 64"),
-# SERVER_ARGS (more vllm serve options); e.g. a CPU check of the script:
+# SERVER_ARGS (more vllm serve options), CLIENT=sessions (bench_sessions_http.py instead: CHATS live sessions
+# over /v1/sessions, 20% of replies dropped; sinks only; writes OUTDIR/sessions_http.json); e.g. a CPU check:
 #   VLLM_CPU_KVCACHE_SPACE=1 SHAPE=tiny WINDOW=200 DTYPE=float32 GPU_UTIL=0.3 bash ... sinks /tmp/o 20 8
 set -u
 MODE=$1
@@ -25,6 +26,7 @@ case $MODE in
   *) echo "MODE must be sinks, dense or sliding" >&2; exit 2 ;;
 esac
 mkdir -p "$OUTDIR"
+[ "${CLIENT:-serve}" = sessions ] && export VLLM_PLUGINS=sinks  # the endpoint plugin is opt-in
 t0=$(date +%s)
 # shellcheck disable=SC2086
 $VLLM serve "$MODEL" --load-format dummy --dtype "${DTYPE:-bfloat16}" --gpu-memory-utilization "${GPU_UTIL:-0.90}" --max-num-seqs "$CHATS" \
@@ -42,10 +44,16 @@ if [ $ready != 1 ]; then
   echo "server ($MODE) did not come up"; tail -40 "$OUTDIR/server_$MODE.log"; kill $PID 2>/dev/null; exit 1
 fi
 echo "server ($MODE) ready after $(( $(date +%s) - t0 )) s"
-# shellcheck disable=SC2086
-python3 benchmarks/bench_serve.py --base-url http://127.0.0.1:8000 --model "$MODEL" --chats "$CHATS" \
-  --duration "$DURATION" --disconnect-rate 0.2 --allowed-token-ids 3:380 --server-pid $PID \
-  --out "$OUTDIR/serve_$MODE.json" ${BENCH_ARGS:-}
+if [ "${CLIENT:-serve}" = sessions ]; then
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_sessions_http.py --base-url http://127.0.0.1:8000 --sessions "$CHATS" \
+    --duration "$DURATION" --disconnect-rate 0.2 --allowed-token-ids 3:380 --out "$OUTDIR/sessions_http.json" ${BENCH_ARGS:-}
+else
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_serve.py --base-url http://127.0.0.1:8000 --model "$MODEL" --chats "$CHATS" \
+    --duration "$DURATION" --disconnect-rate 0.2 --allowed-token-ids 3:380 --server-pid $PID \
+    --out "$OUTDIR/serve_$MODE.json" ${BENCH_ARGS:-}
+fi
 rc=$?
 kill -INT $PID
 wait $PID

@@ -86,11 +86,29 @@ async def grow(a: argparse.Namespace, engine) -> list[dict]:
     return samples
 
 
+def run_on_engine(engine_args, work):
+    """Builds an AsyncLLM from `engine_args`, runs the coroutine `work(engine)` on one event loop (the
+    engine's output handler runs on it), shuts the engine down and drains the loop; returns work's result."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    engine = AsyncLLM.from_engine_args(engine_args)
+    try:
+        return loop.run_until_complete(work(engine))
+    finally:
+        engine.shutdown()
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
     from run_record import emit, provenance
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     from vllm_sinks.tiny_model import TinyLlamaSpec, build_tiny_llama
 
@@ -103,18 +121,7 @@ def main(argv=None) -> dict:
                            max_num_seqs=4, max_num_batched_tokens=2048,
                            additional_config={"sinks": {"sink_tokens": a.sink_tokens,
                                                         "window_tokens": a.window_tokens}})  # fmt: skip
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    engine = AsyncLLM.from_engine_args(args)
-    try:
-        samples = loop.run_until_complete(grow(a, engine))
-    finally:
-        engine.shutdown()
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
+    samples = run_on_engine(args, lambda engine: grow(a, engine))
     first, last = samples[min(1, len(samples) - 2)], samples[-1]  # the first sample after warm-up
     grown_mib = last["rss_total_mib"] - first["rss_total_mib"]
     slope = grown_mib * 2**20 / max(1, last["tokens"] - first["tokens"])

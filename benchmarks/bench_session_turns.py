@@ -17,7 +17,6 @@ list each turn; VLLM_SINKS_STOCK_SESSION_HANDOFF=1) for an A/B on one host.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -108,10 +107,10 @@ def main(argv=None) -> dict:
     if a.handoff == "stock":
         os.environ["VLLM_SINKS_STOCK_SESSION_HANDOFF"] = "1"
     import torch
+    from bench_session_memory import run_on_engine
     from model_shapes import model_dir
     from run_record import emit, provenance
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     on_gpu = torch.cuda.is_available()
     window = a.window_tokens or (4092 if on_gpu else 252)
@@ -136,18 +135,7 @@ def main(argv=None) -> dict:
     else:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         kw.update(dtype="float32", block_size=16, gpu_memory_utilization=0.3, enforce_eager=True)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
-    try:
-        rows = loop.run_until_complete(probe(a, engine, checkpoints))
-    finally:
-        engine.shutdown()
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
+    rows = run_on_engine(AsyncEngineArgs(**kw), lambda engine: probe(a, engine, checkpoints))
     first, last = rows[0], rows[-1]
     result = {
         "benchmark": "session turn latency against length",

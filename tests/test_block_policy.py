@@ -3,7 +3,9 @@
 * one 200,000-token stream (chunked prefill, then a few thousand generated tokens): blocks held never exceed
   ceil(S/B) + ceil((W + chunk)/B) + 1, and the pool gets every block back;
 * a stream of >= 20 x (S + W) tokens that crosses many block boundaries in decode equals the reference;
-* 64 concurrent streams of mixed lengths with random aborts and forced preemption: no block leaks.
+* 64 concurrent streams of mixed lengths with random aborts and forced preemption: no block leaks;
+* the SINKS stats added to every engine step (make_stats) read no vLLM config property: one of them scanned
+  every installed package's entry points, 15-25 ms per step on a GPU host.
 Admission under pressure, eviction order and paused chats: test_eviction.py, test_paused_chats.py.
 """
 
@@ -175,3 +177,28 @@ def test_concurrent_streams_with_aborts_and_preemption_leak_nothing(engine):
     stats = block_stats(manager)
     assert stats["free_blocks"] == free_before and stats["num_requests"] == 0
     assert not manager.req_to_blocks
+
+
+def test_per_step_stats_read_no_config(engine, monkeypatch):
+    """collect_sinks_stats runs in every engine step that logs stats (vllm serve, AsyncLLM). It once derived
+    the pool's capacity there from VllmConfig.max_in_flight_tokens, whose max_concurrent_batches ->
+    use_v2_model_runner scans every installed package's entry points: 15-25 ms per step on an H100 host under
+    async scheduling (a SINKS session decoded at 20-24 ms per token instead of 7). The capacity is computed
+    once, when the scheduler starts."""
+    from vllm.config import VllmConfig
+
+    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.metrics import collect_sinks_stats
+
+    llm, _ = engine
+    scheduler = scheduler_of(llm)
+    reads = []
+    for name in ("max_concurrent_batches", "max_in_flight_tokens", "use_v2_model_runner"):
+        prop = getattr(VllmConfig, name)
+        monkeypatch.setattr(
+            VllmConfig, name, property(lambda self, _p=prop, _n=name: reads.append(_n) or _p.fget(self))
+        )
+    stats = [collect_sinks_stats(scheduler) for _ in range(5)]
+    assert reads == []
+    in_flight = scheduler.vllm_config.max_concurrent_batches
+    assert stats[0]["decode_blocks_bound"] == 1 + -(-(W + in_flight) // B) + 1  # 1 + ceil((W+k)/B) + 1

@@ -40,6 +40,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="SINKS", help="or a stock backend (e.g. FLASH_ATTN) for comparison")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--no-async-scheduling", action="store_true", help="vLLM's synchronous scheduler (GPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: last checkpoint + the probes")
     p.add_argument("--model-root", default=os.environ.get("TMPDIR", "/tmp") + "/vllm_sinks_models")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -115,7 +116,8 @@ def main(argv=None) -> dict:
     on_gpu = torch.cuda.is_available()
     window = a.window_tokens or (4092 if on_gpu else 252)
     checkpoints = sorted(int(c) for c in a.checkpoints.split(","))
-    max_model_len = checkpoints[-1] + (a.probe_turns + 1) * (a.probe_message + a.probe_gen) + 1024
+    probes = (a.probe_turns + 1) * (a.probe_message + a.probe_gen)
+    max_model_len = a.max_model_len or checkpoints[-1] + probes + 1024
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     kw: dict = dict(
         model=model_dir(a.model_root, a.shape),

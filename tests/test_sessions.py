@@ -181,3 +181,21 @@ def test_session_tokens_mirror_appends_and_refuse_a_rewritten_prompt():
         tokens.view(prompt[:10])
     with pytest.raises(RuntimeError, match="rewritten"):
         tokens.view(prompt[:-1] + [7, 8])
+
+
+def test_session_view_goes_to_model_runner_v2_only_at_a_turns_start():
+    """Model runner V2 takes a new request's every token id (`prefill_token_ids`): a tracked session gets the
+    int32 view there when those ids are its prompt (a turn's start), vLLM's list otherwise (output ids too,
+    e.g. preempted mid-reply); an untracked request always gets vLLM's."""
+    from types import SimpleNamespace
+
+    from vllm_sinks.session_tokens import SessionTokens, prefill_for_worker
+
+    prompt = list(range(100))
+    request = SimpleNamespace(prompt_token_ids=prompt, _all_token_ids=list(prompt))
+    view = SessionTokens().view(prompt)
+    assert prefill_for_worker(request, request._all_token_ids, view) is view
+    request._all_token_ids.append(7)  # an output id
+    assert prefill_for_worker(request, request._all_token_ids, view) is request._all_token_ids
+    assert prefill_for_worker(request, list(prompt), view) is not view  # not the request's own ids
+    assert prefill_for_worker(request, request._all_token_ids, prompt) is request._all_token_ids

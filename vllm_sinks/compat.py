@@ -347,8 +347,11 @@ def _patch_session_handoff() -> None:
     is capped by the first message's limit: vllm-project/vllm#37842).
     vllm.v1.core.sched.output.NewRequestData.from_request hands a resumed session to the worker with its
     whole prompt as a Python list (converted element by element by InputBatch.add_request: O(history) per
-    turn); for a tracked request it passes session_tokens' int32 view instead (one memcpy).
-    VLLM_SINKS_STOCK_SESSION_HANDOFF=1 leaves vLLM's hand-off (the list) in place, for A/B benchmarks."""
+    turn), and for model runner V2 its every token id as `prefill_token_ids` (staged through a Python list by
+    RequestState.add_request); for a tracked request it passes session_tokens' int32 view instead.
+    vllm.v1.worker.gpu.states.RequestState.add_request (model runner V2) writes such a view into its token
+    table with one copy (session_tokens.write_row) instead of staging it element by element.
+    VLLM_SINKS_STOCK_SESSION_HANDOFF=1 leaves vLLM's hand-off (the lists) in place, for A/B benchmarks."""
     from vllm.v1.core.sched.output import NewRequestData
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -369,12 +372,39 @@ def _patch_session_handoff() -> None:
     @functools.wraps(original_from_request)
     def from_request(cls, request, block_ids, prefill_token_ids=None):
         data = original_from_request(cls, request, block_ids, prefill_token_ids)
-        if prefill_token_ids is None:
-            data.prompt_token_ids = session_tokens.prompt_for_worker(request)
+        data.prompt_token_ids = session_tokens.prompt_for_worker(request)
+        if prefill_token_ids is not None:  # model runner V2
+            data.prefill_token_ids = session_tokens.prefill_for_worker(
+                request, prefill_token_ids, data.prompt_token_ids
+            )
         return data
 
     Scheduler._update_request_as_session = _update_request_as_session
     NewRequestData.from_request = classmethod(from_request)
+    _patch_v2_request_state()
+
+
+def _patch_v2_request_state() -> None:
+    """See _patch_session_handoff: model runner V2's RequestState.add_request, for an int32 view."""
+    try:
+        from vllm.v1.worker.gpu.states import RequestState
+    except ImportError:  # a build without model runner V2 (e.g. CPU): nothing hands it a view
+        return
+    import numpy as np
+
+    from vllm_sinks import session_tokens
+
+    original = RequestState.add_request
+
+    @functools.wraps(original)
+    def add_request(self, req_id, prompt_len, all_token_ids, num_computed_tokens, max_tokens):
+        if not isinstance(all_token_ids, np.ndarray):
+            return original(self, req_id, prompt_len, all_token_ids, num_computed_tokens, max_tokens)
+        unstaged = session_tokens.UnstagedTokens(len(all_token_ids))
+        original(self, req_id, prompt_len, unstaged, num_computed_tokens, max_tokens)
+        session_tokens.write_row(self.all_token_ids, self.req_id_to_index[req_id], all_token_ids)
+
+    RequestState.add_request = add_request
 
 
 def apply_patches() -> None:

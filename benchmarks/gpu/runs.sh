@@ -18,6 +18,8 @@
 #   decode MODE    Workload A (bench_decode.py, MODE: sinks, sliding, dense)
 #   session_turns HANDOFF  one live session's turn latency at 16k / 256k / 1M tokens of history, 8B shape
 #                  (bench_session_turns.py; HANDOFF: sinks, or stock for vLLM's own hand-off of a resumed session)
+#   session_trace TAG ARGS...  bench_session_turns.py (8B shape) with ARGS under the engine-core step trace
+#                  (step_trace/): per session input, the steps, their token counts, gaps and CUDA graph modes
 #   sessions_http [DURATION]  64 live HTTP sessions (/v1/sessions), 20% of replies dropped, then the final check
 # Real weights (Qwen2.5-Coder-1.5B-Instruct, head dim 128): the GPU host cannot reach a registry, so the GGUF
 # file travels split in .qdata/ (ignored; made by `bash benchmarks/gpu/stage_qwen.sh`), one part per call:
@@ -96,6 +98,18 @@ case $STEP in
     grep -E "^\{'session_tokens'|Error" "$OUT/session_turns_$3.log" | tail -6
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['median_ratio_to_first'], \
       d['rss_bytes_per_session_token'])" "$OUT/session_turns_$3.json"
+    ;;
+  session_trace)
+    TAG=$3
+    rm -f /tmp/trace_$TAG.*
+    PYTHONPATH=benchmarks/gpu/step_trace${PYTHONPATH:+:$PYTHONPATH} VLLM_SINKS_STEP_TRACE=/tmp/trace_$TAG \
+      timeout "${TRACE_TIMEOUT_S:-400}" python3 benchmarks/bench_session_turns.py --shape llama3-8b "${@:4}" \
+      --out "$OUT/session_turns_$TAG.json" > "$OUT/session_turns_$TAG.log" 2>&1
+    grep -E "^\{'session_tokens'|Error" "$OUT/session_turns_$TAG.log" | tail -6
+    python3 benchmarks/gpu/step_trace/summarize.py /tmp/trace_$TAG --last 6 --raw 36 > "$OUT/trace_$TAG.txt" 2>&1
+    cat "$OUT/trace_$TAG.txt"
+    for f in /tmp/trace_$TAG.*.txt; do [ -f "$f" ] && { echo "== $f"; head -"${TRACE_SHOW_LINES:-60}" "$f"; }; done
+    tar czf "$OUT/trace_$TAG.tgz" -C /tmp $(cd /tmp && ls trace_$TAG.*)
     ;;
   sessions_http)
     CLIENT=sessions bash benchmarks/gpu/serve_load.sh sinks "$OUT" "${3:-300}" 64 2>&1 | tail -40

@@ -202,33 +202,25 @@ def _patch_scheduler(mod, log: _Log) -> None:
 
 
 def _patch_runner(mod, log: _Log) -> None:
+    """Model runner V1 (gpu_model_runner) also reports the CUDA graph mode it chose; V2 has no such hook."""
     R = mod.GPUModelRunner
     last: dict = {}
-    if not hasattr(R, "_determine_batch_execution_and_padding"):  # model runner V2
-        R.execute_model = _timed(
-            log, "execute", R.execute_model, lambda s, a, k, o: {"tokens": a[0].total_num_scheduled_tokens}
-        )
-        R.sample_tokens = _timed(log, "sample", R.sample_tokens)
-        return
-    original = R._determine_batch_execution_and_padding
+    if hasattr(R, "_determine_batch_execution_and_padding"):
+        original = R._determine_batch_execution_and_padding
 
-    @functools.wraps(original)
-    def determine(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        last["mode"], last["desc"] = str(out[0]), str(out[1])
-        return out
+        @functools.wraps(original)
+        def determine(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            last["mode"], last["desc"] = str(out[0]), str(out[1])
+            return out
 
-    R._determine_batch_execution_and_padding = determine
-    R.execute_model = _timed(
-        log,
-        "execute",
-        R.execute_model,
-        lambda s, a, k, o: {
-            "tokens": a[0].total_num_scheduled_tokens,
-            "mode": last.pop("mode", None),
-            "desc": last.pop("desc", None),
-        },
-    )
+        R._determine_batch_execution_and_padding = determine
+
+    def describe(s, a, k, o) -> dict:
+        return {"tokens": a[0].total_num_scheduled_tokens, "mode": last.pop("mode", None),
+                "desc": last.pop("desc", None)}  # fmt: skip
+
+    R.execute_model = _timed(log, "execute", R.execute_model, describe)
     R.sample_tokens = _timed(log, "sample", R.sample_tokens)
 
 

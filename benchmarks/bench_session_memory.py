@@ -27,6 +27,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=int, default=50_000)
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window-tokens", type=int, default=60)
+    p.add_argument("--kv-blocks", type=int, default=512,
+                   help="KV pool size in blocks (num_gpu_blocks_override). A block that leaves a session's "
+                   "window stays in vLLM's prefix cache until reused: a pool of N blocks adds up to N hash "
+                   "entries, bounded, but over a large pool it looks like growth per token")  # fmt: skip
     p.add_argument("--model", default=None, help="a checkpoint folder (default: a tiny random Llama)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -76,7 +80,9 @@ async def grow(a: argparse.Namespace, engine) -> list[dict]:
             next_sample += a.sample_every
         if total >= a.tokens:
             break
-        message = [rng.randrange(3, 380) for _ in range(a.message)]
+        # Ids above 256, as most of a real vocabulary's: CPython shares the objects of small ints, which would
+        # hide what a Python list of token ids costs.
+        message = [rng.randrange(257, 380) for _ in range(a.message)]
         t0 = time.perf_counter()
         async for reply in session.send(message, max_tokens=a.gen):  # noqa: B007 - the last one is kept
             pass
@@ -118,13 +124,18 @@ def main(argv=None) -> dict:
     max_model_len = a.tokens + a.message + 2 * a.gen + 64
     args = AsyncEngineArgs(model=path, attention_backend="SINKS", dtype="float32", enforce_eager=True,
                            block_size=16, gpu_memory_utilization=0.3, max_model_len=max_model_len,
-                           max_num_seqs=4, max_num_batched_tokens=2048,
+                           max_num_seqs=4, max_num_batched_tokens=2048, num_gpu_blocks_override=a.kv_blocks,
                            additional_config={"sinks": {"sink_tokens": a.sink_tokens,
                                                         "window_tokens": a.window_tokens}})  # fmt: skip
     samples = run_on_engine(args, lambda engine: grow(a, engine))
     first, last = samples[min(1, len(samples) - 2)], samples[-1]  # the first sample after warm-up
     grown_mib = last["rss_total_mib"] - first["rss_total_mib"]
-    slope = grown_mib * 2**20 / max(1, last["tokens"] - first["tokens"])
+    tokens = max(1, last["tokens"] - first["tokens"])
+    slope = grown_mib * 2**20 / tokens
+    per_process = {}
+    for name, mib in last["rss_mib"].items():
+        grown = (mib - first["rss_mib"].get(name, 0.0)) * 2**20
+        per_process[name.rsplit(" ", 1)[0]] = round(grown / tokens, 1)
     result = {
         "benchmark": "session host memory",
         "session_tokens": samples[-1]["tokens"],
@@ -133,7 +144,9 @@ def main(argv=None) -> dict:
         "sink_tokens": a.sink_tokens,
         "window_tokens": a.window_tokens,
         "max_model_len": max_model_len,
+        "kv_blocks": a.kv_blocks,
         "bytes_per_session_token": round(slope, 1),
+        "bytes_per_session_token_by_process": per_process,
         "samples": samples,
         **provenance(__file__, argv),
     }

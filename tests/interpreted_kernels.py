@@ -90,7 +90,7 @@ def run_case(
         if band_fa_window >= 0:
             out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, band_fa_window, scale)
             out = out_w.to(dtype)
-        tile_req, tile_start = ops_cuda.band_tiles(qsl, ops_cuda.BAND_ROWS // hpp)
+        tile_req, tile_start = ops_cuda.band_tiles(qsl, ops_cuda.BAND_TILING.tokens_per_tile(hpp))
         ops_cuda.band_sink_attention(
             q_k, q_sink, kc, vc, out, lse, positions, block_table, torch.tensor(qsl, dtype=torch.int32),
             torch.tensor(tile_req, dtype=torch.int32), torch.tensor(tile_start, dtype=torch.int32),

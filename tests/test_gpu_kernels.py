@@ -156,7 +156,7 @@ def cuda_path(c: dict, heads_per_program: int | None = None) -> dict:
         )  # fmt: skip
     else:
         hpp = heads_per_program or min(group & -group, 8)
-        reqs, starts = ops_cuda.band_tiles(c["qsl"], ops_cuda.BAND_ROWS // hpp)
+        reqs, starts = ops_cuda.band_tiles(c["qsl"], ops_cuda.BAND_TILING.tokens_per_tile(hpp))
         ops_cuda.band_sink_attention(
             d["q"], d["q_sink"], d["kc"], d["vc"], out, lse, positions, d["bt"],
             torch.tensor(c["qsl"], dtype=torch.int32, device="cuda"),

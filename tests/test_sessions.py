@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,6 +106,13 @@ def test_session_equals_one_streamingllm_stream_and_returns_its_blocks(engine):
             assert reply.finish_reason == "length" and len(reply.token_ids) == max_tokens
             turns.append((m, reply.token_ids))
         held_open = await settle()
+        # The front end keeps the session's inputs as int32 (vllm_sinks.session_tokens), equal to vLLM's list.
+        from vllm_sinks.session_tokens import TokenIds
+
+        state = next(s for s in eng.output_processor.request_states.values()
+                     if s.external_req_id == session.session_id)  # fmt: skip
+        assert isinstance(state.prompt_token_ids, TokenIds) and state.prompt_len == sum(map(len, messages))
+        assert state.prompt_token_ids == [t for m in messages for t in m]
         # A second message while a reply streams is refused; the first reply goes on.
         first = session.send(messages[0], max_tokens=30)
         await first.__anext__()
@@ -167,35 +175,108 @@ def test_50k_token_session_turn_time_stays_flat(engine):
     assert reference_check(path, turns, 2000) >= 2000 // 100 * 20
 
 
-def test_session_tokens_mirror_appends_and_refuse_a_rewritten_prompt():
-    """The int32 hand-off (vllm_sinks.session_tokens): each view equals the prompt; an earlier view is not
-    changed by later growth; a prompt that shrank or changed where it was mirrored is refused."""
-    from vllm_sinks.session_tokens import SessionTokens
+def _session_turns(tracked: bool, turns: int = 40, seed: int = 0):
+    """Runs vLLM's own Request and Scheduler._update_request_as_session (as patched by the plugin) through
+    `turns` turns of a live session: replies appended as the engine core appends them (the last sampled id
+    never computed), then the next message. Yields the request and the update after each turn's update."""
+    import random
+    import time
 
-    tokens, prompt = SessionTokens(), list(range(5))
-    first = tokens.view(prompt)
-    prompt += list(range(5, 3000))
-    second = tokens.view(prompt)
-    assert first.tolist() == list(range(5)) and second.tolist() == prompt and second.dtype.name == "int32"
-    with pytest.raises(RuntimeError, match="rewritten"):
-        tokens.view(prompt[:10])
-    with pytest.raises(RuntimeError, match="rewritten"):
-        tokens.view(prompt[:-1] + [7, 8])
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request, StreamingUpdate
+
+    from vllm_sinks import compat
+
+    compat.apply_patches()
+    rng = random.Random(seed)
+    scheduler = SimpleNamespace(_vllm_sinks_active=tracked, log_stats=False,
+                                num_waiting_for_streaming_input=0)  # fmt: skip
+    request = Request("s", [rng.randrange(257, 50_000) for _ in range(50)], SamplingParams(max_tokens=8),
+                      None, block_hasher=get_request_block_hasher(B, sha256), resumable=True)  # fmt: skip
+    for _ in range(turns):
+        for _ in range(rng.randrange(1, 40)):  # the reply, one or several ids per step
+            request.append_output_token_ids(rng.randrange(257, 50_000))
+        request.num_computed_tokens = request.num_tokens - 1
+        message = [rng.randrange(257, 50_000) for _ in range(rng.randrange(1, 300))]
+        update = StreamingUpdate(mm_features=None, prompt_token_ids=message,
+                                 max_tokens=rng.randrange(1, 64), arrival_time=time.time(),
+                                 sampling_params=request.sampling_params)  # fmt: skip
+        Scheduler._update_request_as_session(scheduler, request, update)
+        yield request, update
+
+
+def test_session_token_ids_are_int32_and_behave_as_vllms_lists():
+    """Under SINKS a live session's Request stores its prompt and token ids as int32 TokenIds (one store):
+    through vLLM's own turn updates they stay equal to the stock Request's lists, with the same block hashes
+    and max_tokens; the worker gets int32 views of the prompt, and a view handed out earlier is not changed
+    by later turns."""
+    import numpy as np
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import init_none_hash
+
+    from vllm_sinks.session_tokens import TokenIds, prompt_for_worker
+
+    init_none_hash(sha256)  # one root hash for both requests (it is random unless PYTHONHASHSEED is set)
+    views = []
+    for (stock, _), (tracked, update) in zip(_session_turns(False), _session_turns(True), strict=True):
+        assert isinstance(tracked.prompt_token_ids, TokenIds) and isinstance(tracked._all_token_ids, TokenIds)
+        assert type(stock.prompt_token_ids) is list
+        assert tracked.prompt_token_ids == stock.prompt_token_ids
+        assert list(tracked.all_token_ids) == list(stock.all_token_ids) == tracked._all_token_ids.copy()
+        assert tracked.block_hashes == stock.block_hashes
+        assert tracked.num_prompt_tokens == stock.num_prompt_tokens == len(stock.prompt_token_ids)
+        assert tracked.max_tokens == update.max_tokens  # the turn's own limit (vllm-project/vllm#37842)
+        view = prompt_for_worker(tracked)
+        assert view.dtype == np.int32 and view.tolist() == stock.prompt_token_ids
+        assert prompt_for_worker(stock) is stock.prompt_token_ids
+        views.append((view, list(stock.prompt_token_ids)))
+    assert all(v.tolist() == ids for v, ids in views)
+
+
+def test_token_ids_list_operations_and_refusals():
+    """TokenIds answers as the list would for indexing, slicing (a list), truncation, iteration and
+    pickling (as a list); a write that would make the prompt stop being a prefix of all ids is refused."""
+    import pickle
+
+    from vllm_sinks.session_tokens import TokenIds, TokenStore
+
+    ids = list(range(300, 3300))
+    store = TokenStore(ids)
+    all_ids, prompt = TokenIds(store, len(ids)), TokenIds(store, 1000)
+    assert all_ids[-1] == 3299 and all_ids[5:8] == [305, 306, 307] and prompt[-2:] == [1298, 1299]
+    assert 1299 in prompt and 1300 not in prompt and prompt.index(1000) == 700
+    with pytest.raises(IndexError):
+        prompt[1000]
+    assert pickle.loads(pickle.dumps(prompt)) == ids[:1000]
+    del all_ids[2000:]
+    all_ids.extend([7, 8])
+    assert len(all_ids) == 2002 and all_ids[-3:] == [2299, 7, 8]
+    prompt.extend(range(1300, 2300))  # what all ids already hold there: accepted
+    with pytest.raises(RuntimeError, match="diverged"):
+        prompt.extend([9])  # all ids hold 7 there
+    with pytest.raises(TypeError, match="truncation"):
+        del all_ids[3]
+    assert list(iter(prompt)) == ids[:2000] and not TokenIds.of([])
 
 
 def test_session_view_goes_to_model_runner_v2_only_at_a_turns_start():
     """Model runner V2 takes a new request's every token id (`prefill_token_ids`): a tracked session gets the
-    int32 view there when those ids are its prompt (a turn's start), vLLM's list otherwise (output ids too,
-    e.g. preempted mid-reply); an untracked request always gets vLLM's."""
-    from types import SimpleNamespace
+    prompt's int32 view there when those ids are its prompt (a turn's start), an int32 copy otherwise (output
+    ids too, e.g. preempted mid-reply); an untracked request always gets vLLM's list."""
+    import numpy as np
 
-    from vllm_sinks.session_tokens import SessionTokens, prefill_for_worker
+    from vllm_sinks.session_tokens import TokenIds, TokenStore, prefill_for_worker, prompt_for_worker
 
-    prompt = list(range(100))
-    request = SimpleNamespace(prompt_token_ids=prompt, _all_token_ids=list(prompt))
-    view = SessionTokens().view(prompt)
+    store = TokenStore(range(100))
+    request = SimpleNamespace(prompt_token_ids=TokenIds(store, 100), _all_token_ids=TokenIds(store, 100))
+    view = prompt_for_worker(request)
     assert prefill_for_worker(request, request._all_token_ids, view) is view
     request._all_token_ids.append(7)  # an output id
-    assert prefill_for_worker(request, request._all_token_ids, view) is request._all_token_ids
-    assert prefill_for_worker(request, list(prompt), view) is not view  # not the request's own ids
-    assert prefill_for_worker(request, request._all_token_ids, prompt) is request._all_token_ids
+    mid_reply = prefill_for_worker(request, request._all_token_ids, view)
+    assert isinstance(mid_reply, np.ndarray) and mid_reply.tolist() == list(range(100)) + [7]
+    assert not np.shares_memory(mid_reply, store.array)
+    stock = list(range(100))
+    assert prefill_for_worker(SimpleNamespace(), stock, stock) is stock

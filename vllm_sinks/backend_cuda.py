@@ -113,7 +113,8 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
         copy from pageable memory may synchronize with the stream (CUDA's API synchronization behavior),
         which would stall the CPU's preparation of this step until the GPU finished the previous one."""
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
-        reqs, starts = ops_cuda.band_tiles(qsl, ops_cuda.BAND_ROWS // self.band_heads_per_program)
+        tokens_per_tile = ops_cuda.BAND_TILING.tokens_per_tile(self.band_heads_per_program)
+        reqs, starts = ops_cuda.band_tiles(qsl, tokens_per_tile)
         num = len(reqs)
         host = torch.tensor([reqs, starts], dtype=torch.int32, pin_memory=True)
         self._tiles[:, :num].copy_(host, non_blocking=True)

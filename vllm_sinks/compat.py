@@ -342,16 +342,20 @@ def _patch_scheduler_stats() -> None:
 # --- 7. live sessions: a turn hands the worker its new tokens' worth of work -------------------------------
 def _patch_session_handoff() -> None:
     """vllm.v1.core.sched.scheduler.Scheduler._update_request_as_session appends a turn to a streaming-input
-    request's prompt; under SINKS the request is then tracked by vllm_sinks.session_tokens, and it takes the
-    turn's max_tokens (vLLM 0.26 keeps the first input's Request.max_tokens for every later one, so a reply
-    is capped by the first message's limit: vllm-project/vllm#37842).
+    request's prompt; under SINKS the request then takes the turn's max_tokens (vLLM 0.26 keeps the first
+    input's Request.max_tokens for every later one, so a reply is capped by the first message's limit:
+    vllm-project/vllm#37842), and session_tokens.track stores its prompt and token-id lists as int32
+    (Python lists cost ~40 bytes per id, for the session's whole history).
     vllm.v1.core.sched.output.NewRequestData.from_request hands a resumed session to the worker with its
     whole prompt as a Python list (converted element by element by InputBatch.add_request: O(history) per
     turn), and for model runner V2 its every token id as `prefill_token_ids` (staged through a Python list by
-    RequestState.add_request); for a tracked request it passes session_tokens' int32 view instead.
-    vllm.v1.worker.gpu.states.RequestState.add_request (model runner V2) writes such a view into its token
+    RequestState.add_request); for a tracked request it passes int32 arrays instead.
+    vllm.v1.worker.gpu.states.RequestState.add_request (model runner V2) writes such an array into its token
     table with one copy (session_tokens.write_row) instead of staging it element by element.
-    VLLM_SINKS_STOCK_SESSION_HANDOFF=1 leaves vLLM's hand-off (the lists) in place, for A/B benchmarks."""
+    vllm.v1.engine.output_processor.OutputProcessor._update_streaming_request_state (front end) appends each
+    input's ids to the RequestState's prompt list; under SINKS that list is stored as int32 first
+    (session_tokens.compact_front_end). AsyncLLM.__init__ tells its OutputProcessor whether it serves SINKS.
+    VLLM_SINKS_STOCK_SESSION_HANDOFF=1 leaves vLLM's lists and hand-off in place, for A/B benchmarks."""
     from vllm.v1.core.sched.output import NewRequestData
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -382,6 +386,33 @@ def _patch_session_handoff() -> None:
     Scheduler._update_request_as_session = _update_request_as_session
     NewRequestData.from_request = classmethod(from_request)
     _patch_v2_request_state()
+    if not stock_handoff:
+        _patch_front_end_session_state()
+
+
+def _patch_front_end_session_state() -> None:
+    """See _patch_session_handoff: the front end's prompt ids of a live session, as int32."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    from vllm_sinks import session_tokens
+
+    original_init = AsyncLLM.__init__
+    original_update = OutputProcessor._update_streaming_request_state
+
+    @functools.wraps(original_init)
+    def __init__(self, vllm_config, *args, **kwargs):
+        original_init(self, vllm_config, *args, **kwargs)
+        self.output_processor._vllm_sinks_active = sinks_active(vllm_config)
+
+    @functools.wraps(original_update)
+    def _update_streaming_request_state(self, req_state, request, prompt):
+        if getattr(self, "_vllm_sinks_active", False) and request.resumable:
+            session_tokens.compact_front_end(req_state)
+        return original_update(self, req_state, request, prompt)
+
+    AsyncLLM.__init__ = __init__
+    OutputProcessor._update_streaming_request_state = _update_streaming_request_state
 
 
 def _patch_v2_request_state() -> None:

@@ -18,6 +18,8 @@ The kernels take device tensors only; the decode-step ones can be captured in CU
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -259,9 +261,22 @@ def exact_fa_window(window_tokens: int, head_size: int, group: int = 1) -> int:
     return (window_tokens + 1) // block_n * block_n - 1
 
 
-# Query rows (tokens x heads) per band_sink_attention program, and keys per inner step.
-BAND_ROWS = 64
-BAND_KEYS = 64
+@dataclass(frozen=True)
+class BandTiling:
+    """band_sink_attention's launch shape: query rows (tokens x heads) per program, keys per inner step, and
+    Triton's num_warps / num_stages. Every tiling computes the same rows (the GPU kernel test pins the
+    default); the default is the fastest measured (benchmarks/gpu/prefill_ab.py --band-sweep)."""
+
+    rows: int = 64
+    keys: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def tokens_per_tile(self, heads_per_program: int) -> int:
+        return self.rows // heads_per_program
+
+
+BAND_TILING = BandTiling()
 
 
 def band_tiles(query_start_loc: list[int], tokens_per_tile: int) -> tuple[list[int], list[int]]:
@@ -397,12 +412,14 @@ def band_sink_attention(
     fa_window: int,
     scale: float,
     heads_per_program: int,
+    tiling: BandTiling = BAND_TILING,
 ) -> None:
     """Completes `out` ([n, H, D]) for a step with prefill rows. With FA (`fa_lse` [H, n] given, fa_window
     = W' >= 0) `out` holds FA3's attention over [t - W', t]; this adds the band [t - W, t - W' - 1] and the
     sinks by LSE. Without (fa_lse None) it computes the whole window and the sinks. q / q_sink [n, H, D]:
-    the window- and sink-rotated queries. Tiles: band_tiles(query_start_loc, BAND_ROWS // heads_per_program)
-    as device int32 tensors. Not for CUDA-graph capture (the tiles come from the host)."""
+    the window- and sink-rotated queries. Tiles: band_tiles(query_start_loc,
+    tiling.tokens_per_tile(heads_per_program)) as device int32 tensors. Not for CUDA-graph capture (the
+    tiles come from the host)."""
     n, num_heads, head_size = q.shape
     num_tiles = tile_req.shape[0]
     if n == 0 or num_tiles == 0:
@@ -424,7 +441,7 @@ def band_sink_attention(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         out.stride(0), out.stride(1), lse_sh, lse_st, block_table.stride(0),
         scale, S=sink_tokens, W=window_tokens, WL=max(fa_window, -1), HAS_FA=has_fa, GROUP=group, HPP=hpp,
-        BM=BAND_ROWS // hpp, BN=BAND_KEYS, D=head_size, BLOCK_SIZE=key_cache.shape[1],
+        BM=tiling.tokens_per_tile(hpp), BN=tiling.keys, D=head_size, BLOCK_SIZE=key_cache.shape[1],
         BS=max(16, triton.next_power_of_2(sink_tokens)), BD=triton.next_power_of_2(head_size),
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )  # fmt: skip

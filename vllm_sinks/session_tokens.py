@@ -1,83 +1,196 @@
-"""The history of a live session as one growing int32 array, so that a turn costs its new tokens only.
+"""The token ids of a live session in int32 arrays, so that a turn costs its new tokens only and the ids cost
+4 bytes each, not a Python list's 8 (plus an int object of 32 bytes for every id above 256).
 
-vLLM resumes a streaming-input request by extending its prompt (Scheduler._update_request_as_session) and
-handing it to the worker again as a new request with its whole history: NewRequestData carries
-`request.prompt_token_ids` (a Python list), pickled to the worker under a multiprocess executor, and the
-worker's InputBatch.add_request converts it element by element into its token row. Every turn of a session
-that has seen n tokens therefore costs O(n) Python work however short the message is (1.42x turn time from
-100k to 1M tokens, measured on CPU). SessionTokens mirrors the prompt in an int32 array that each turn
-extends by the ids appended since the last one; the worker receives a view of it, which it copies (or
-unpickles) with one memcpy.
+vLLM keeps a request's ids as Python lists: the engine core's Request has `prompt_token_ids` and
+`_all_token_ids` (prompt + outputs), the front end's RequestState has `prompt_token_ids` (every input so far).
+A streaming-input request (a live session) grows them forever: 72.5 bytes of host memory per session token on
+an H100 host (front end + engine core). Once a request is a session under SINKS, `track` stores the engine
+core's two lists as two TokenIds over one int32 TokenStore (the prompt is always a prefix of all the ids),
+and `compact_front_end` the front end's as one TokenIds. TokenIds behaves as the list for everything vLLM
+does with these (len, index, slices as lists, append, extend, truncation with `del ids[n:]`, copy, iterate).
 
-vLLM's model runner V2 (the default on CUDA for most models) takes the history as NewRequestData's
-`prefill_token_ids` (the request's every token id) and stages it through a Python list into its token table:
-O(n) per turn again (325 ms at 4M tokens on an H100 host). At the start of a turn those ids are the prompt,
-so the same view goes there, and `write_row` copies it into the runner's table with one pinned host-to-device
-copy.
+vLLM also hands a resumed session to the worker as a new request with its whole history (NewRequestData's
+`prompt_token_ids`, and for model runner V2 `prefill_token_ids`): Python lists converted or staged element by
+element, O(history) per turn (1.42x turn time from 100k to 1M tokens on CPU; 325 ms per turn at 4M tokens on
+an H100 host). `prompt_for_worker` / `prefill_for_worker` hand it int32 views instead, which it copies
+(or unpickles) with one memcpy; `write_row` copies one into model runner V2's token table.
 
-Invariant: `array[:n] == request.prompt_token_ids[:n]` for the n ids mirrored so far. It holds because vLLM
-only ever appends to a session's prompt; `view` checks the length and the last mirrored id, and refuses
-anything else rather than hand the worker a wrong history.
+Invariants: the prompt's ids are a prefix of all the ids (a write into the part of the store that the other
+TokenIds covers must agree with it, or it raises rather than corrupt the history); ids below the prompt's
+length are never rewritten, so a view of the prompt stays valid while anyone holds it (growth allocates a new
+array and leaves the old one to its holders).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-_ATTR = "_vllm_sinks_session_tokens"
+_TRACKED = "_vllm_sinks_session"
 
 
-class SessionTokens:
-    """An append-only int32 mirror of one request's prompt token ids (amortised O(1) per appended id)."""
+class TokenStore:
+    """One growable int32 array and the lengths of the TokenIds that are prefixes of it (amortised O(1) per
+    appended id). It holds no reference to its TokenIds, so a session's ids are freed with its Request."""
 
-    __slots__ = ("_array", "_length")
+    __slots__ = ("array", "lengths")
 
-    def __init__(self) -> None:
-        self._array = np.empty(0, dtype=np.int32)
-        self._length = 0
+    def __init__(self, ids: Iterable[int] = ()) -> None:
+        self.array = np.array(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int32)
+        self.lengths: list[int] = []
+
+    def write(self, slot: int, ids: np.ndarray) -> None:
+        """Appends `ids` to the TokenIds in `slot`; where another one already covers those positions they
+        must hold the same ids."""
+        start = self.lengths[slot]
+        end = start + len(ids)
+        covered = max((n for i, n in enumerate(self.lengths) if i != slot), default=0)
+        agree = max(0, min(end, covered) - start)
+        if agree and not np.array_equal(self.array[start : start + agree], ids[:agree]):
+            raise RuntimeError(
+                f"vllm_sinks: a session's prompt and token ids diverged at {start} (the prompt is expected "
+                "to stay a prefix of all token ids, as vLLM's Scheduler._update_request_as_session keeps it)"
+            )
+        if end > self.array.shape[0]:
+            grown = np.empty(max(end, self.array.shape[0] * 3 // 2, 1024), dtype=np.int32)
+            grown[: self.array.shape[0]] = self.array
+            self.array = grown
+        self.array[start + agree : end] = ids[agree:]
+        self.lengths[slot] = end
+
+
+class TokenIds(Sequence):
+    """A list of token ids stored as the first `len(self)` entries of a TokenStore (see module docstring).
+    Slices are returned as Python lists, as the list's own would be."""
+
+    __slots__ = ("_store", "_slot")
+
+    def __init__(self, store: TokenStore, length: int) -> None:
+        self._store = store
+        self._slot = len(store.lengths)
+        store.lengths.append(length)
+
+    @property
+    def _length(self) -> int:
+        return self._store.lengths[self._slot]
+
+    @classmethod
+    def of(cls, ids: Iterable[int]) -> TokenIds:
+        """A TokenIds with a store of its own."""
+        store = TokenStore(ids)
+        return cls(store, store.array.shape[0])
 
     def __len__(self) -> int:
         return self._length
 
-    def view(self, prompt_token_ids: list[int]) -> np.ndarray:
-        """Mirrors the ids appended to `prompt_token_ids` since the last call; returns the whole prompt as a
-        read-only int32 view (valid as long as the caller holds it: later growth never writes inside it)."""
-        n, mirrored = len(prompt_token_ids), self._length
-        if n < mirrored or (mirrored and prompt_token_ids[mirrored - 1] != self._array[mirrored - 1]):
-            raise RuntimeError(
-                f"vllm_sinks: a session's prompt was rewritten ({mirrored} ids mirrored, {n} now); vLLM is "
-                "expected to only append to a streaming-input request's prompt"
-            )
-        if n > self._array.shape[0]:
-            grown = np.empty(max(n, 2 * self._array.shape[0], 1024), dtype=np.int32)
-            grown[:mirrored] = self._array[:mirrored]
-            self._array = grown
-        self._array[mirrored:n] = prompt_token_ids[mirrored:]
-        self._length = n
-        out = self._array[:n]
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return self._store.array[: self._length][item].tolist()
+        n = self._length
+        if not -n <= item < n:
+            raise IndexError("token id index out of range")
+        return int(self._store.array[item % n])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.view().tolist())
+
+    def __contains__(self, value: object) -> bool:
+        return bool(np.any(self.view() == value)) if isinstance(value, int) else False
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TokenIds):
+            return np.array_equal(self.view(), other.view())
+        if isinstance(other, (list, tuple)):
+            return len(other) == self._length and self.view().tolist() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a list
+
+    def __repr__(self) -> str:
+        n = self._length
+        return f"TokenIds({self.view().tolist()!r})" if n <= 32 else f"TokenIds(<{n} ids>)"
+
+    def __reduce__(self):  # pickles as the list it stands for
+        return (list, (self.view().tolist(),))
+
+    def view(self) -> np.ndarray:
+        """The ids as a read-only int32 array (no copy)."""
+        out = self._store.array[: self._length]
         out.flags.writeable = False
         return out
 
+    def copy(self) -> list[int]:
+        return self.view().tolist()
+
+    def tolist(self) -> list[int]:
+        return self.view().tolist()
+
+    def append(self, token_id: int) -> None:
+        self.extend((token_id,))
+
+    def extend(self, ids: Iterable[int]) -> None:
+        values = np.asarray(ids if isinstance(ids, (list, tuple, np.ndarray)) else list(ids), dtype=np.int32)
+        if values.ndim != 1:
+            values = values.reshape(-1)
+        if len(values):
+            self._store.write(self._slot, values)
+
+    def __delitem__(self, item) -> None:
+        """Only truncation (`del ids[n:]`), the one deletion vLLM makes."""
+        if not isinstance(item, slice) or item.step not in (None, 1) or item.stop not in (None,):
+            raise TypeError("TokenIds supports only truncation: del ids[n:]")
+        n = self._length
+        start = 0 if item.start is None else item.start
+        self._store.lengths[self._slot] = max(0, min(n, start if start >= 0 else n + start))
+
+    def clear(self) -> None:
+        self._store.lengths[self._slot] = 0
+
 
 def track(request: Any) -> None:
-    """Marks a resumed streaming session: from now on the worker gets its prompt as an int32 view."""
-    if getattr(request, _ATTR, None) is None:
-        setattr(request, _ATTR, SessionTokens())
+    """Marks a resumed streaming session and stores its prompt and all-token lists as TokenIds over one int32
+    store (once; O(history) then, O(new ids) per turn after). vLLM's read-only `all_token_ids` wraps the new
+    storage too."""
+    if getattr(request, _TRACKED, False) or request.prompt_token_ids is None:
+        return
+    from vllm.v1.utils import ConstantList
+
+    all_ids, prompt = request._all_token_ids, request.prompt_token_ids
+    if len(prompt) > len(all_ids) or list(all_ids[: len(prompt)]) != list(prompt):
+        raise RuntimeError("vllm_sinks: a session's prompt is not a prefix of its token ids")
+    store = TokenStore(all_ids)
+    request._all_token_ids = TokenIds(store, len(all_ids))
+    request.prompt_token_ids = TokenIds(store, len(prompt))
+    request.all_token_ids = ConstantList(request._all_token_ids)
+    setattr(request, _TRACKED, True)
+
+
+def compact_front_end(state: Any) -> None:
+    """Stores a front-end RequestState's prompt token ids (every input of a live session) as TokenIds."""
+    ids = getattr(state, "prompt_token_ids", None)
+    if ids is not None and not isinstance(ids, TokenIds):
+        state.prompt_token_ids = TokenIds.of(ids)
+
+
+def prompt_for_worker(request: Any) -> Any:
+    """The prompt token ids to hand the worker for `request`: an int32 view for a tracked session, the
+    request's own list otherwise."""
+    ids = request.prompt_token_ids
+    return ids.view() if isinstance(ids, TokenIds) else ids
 
 
 def prefill_for_worker(request: Any, prefill_token_ids: Any, prompt: Any) -> Any:
-    """Model runner V2's `prefill_token_ids` for `request`: `prompt` (the view prompt_for_worker returned)
-    when the request is a tracked session at the start of a turn (its token ids are then exactly its prompt),
-    the ids vLLM passed otherwise (e.g. a session preempted mid-reply also has output ids)."""
-    if (
-        isinstance(prompt, np.ndarray)
-        and prefill_token_ids is getattr(request, "_all_token_ids", None)
-        and len(prefill_token_ids) == len(prompt)
-    ):
+    """Model runner V2's `prefill_token_ids` (the request's every token id) for `request`: for a tracked
+    session the prompt's view (`prompt`, from prompt_for_worker) when the ids are exactly the prompt (a turn's
+    start), else a copy of them as int32 (e.g. a session preempted mid-reply: its output ids may be rewritten
+    at the next turn, so no view of them leaves the scheduler); the ids vLLM passed for any other request."""
+    if not isinstance(prefill_token_ids, TokenIds):
+        return prefill_token_ids
+    if isinstance(prompt, np.ndarray) and len(prompt) == len(prefill_token_ids):
         return prompt
-    return prefill_token_ids
+    return prefill_token_ids.view().copy()
 
 
 class UnstagedTokens:
@@ -108,12 +221,3 @@ def write_row(staged: Any, row: int, tokens: np.ndarray) -> None:
     pinned = torch.empty(len(tokens), dtype=torch.int32, pin_memory=True)
     pinned.numpy()[:] = tokens
     staged.gpu[row, : len(tokens)].copy_(pinned, non_blocking=True)
-
-
-def prompt_for_worker(request: Any) -> Any:
-    """The prompt token ids to hand the worker for `request`: an int32 view for a tracked session, the
-    request's own list otherwise."""
-    tokens: SessionTokens | None = getattr(request, _ATTR, None)
-    if tokens is None or request.prompt_token_ids is None:
-        return request.prompt_token_ids
-    return tokens.view(request.prompt_token_ids)

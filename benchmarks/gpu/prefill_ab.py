@@ -16,6 +16,9 @@ The serving load (benchmarks/gpu/serve_load.sh) is prefill-bound, and SINKS' int
   rope_cache    rope_and_cache (SINKS: rotates q and k, writes k and v; stock does this in two kernels)
   stock_cache   vLLM's reshape_and_cache_flash alone (stock's cache write, without its rotary kernel)
     python3 benchmarks/gpu/prefill_ab.py --out $OUT/prefill_ab.json
+--band-sweep CTX times band_sink_attention alone at context CTX over launch shapes (ops_cuda.BandTiling: rows
+per program, keys per step, num_warps, num_stages; then heads per program for the fastest three) and adds
+them, fastest first, as "band_sweep" (a shape Triton cannot launch, e.g. out of shared memory, is skipped).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main(argv=None) -> dict:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--band-sweep", type=int, default=None, metavar="CTX")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from bench_kernel import _timed
@@ -59,6 +63,7 @@ def main(argv=None) -> dict:
         "window": a.window,
         "sinks": a.sinks,
         "rows": rows,
+        **({"band_sweep": _band_sweep(a.band_sweep, a, _timed)} if a.band_sweep else {}),
         "date": datetime.date.today().isoformat(),
         "command": "python3 benchmarks/gpu/prefill_ab.py " + " ".join(argv or sys.argv[1:]),
     }
@@ -68,7 +73,34 @@ def main(argv=None) -> dict:
     return res
 
 
-def _bench(ctx: int, a, timed) -> dict:
+def _band_sweep(ctx: int, a, timed) -> list[dict]:
+    import itertools
+
+    from vllm_sinks.ops_cuda import BAND_TILING, BandTiling
+
+    band, hpp_default, hpps = _bench(ctx, a, timed, band_only=True)
+    results = []
+
+    def run(tiling, hpp):
+        try:
+            ms = round(timed(lambda: band(hpp, tiling)), 4)
+        except Exception as e:  # e.g. triton's OutOfResources for a large shape
+            print(f"skip {tiling} hpp={hpp}: {type(e).__name__}", flush=True)
+            return
+        results.append({**vars(tiling), "heads_per_program": hpp, "ms": ms,
+                        "default": tiling == BAND_TILING and hpp == hpp_default})  # fmt: skip
+        print(json.dumps(results[-1]), flush=True)
+
+    for rows, keys, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+        run(BandTiling(rows, keys, warps, stages), hpp_default)
+    best = sorted(results, key=lambda r: r["ms"])[:3]
+    for r in best:
+        for hpp in hpps - {hpp_default}:
+            run(BandTiling(r["rows"], r["keys"], r["num_warps"], r["num_stages"]), hpp)
+    return sorted(results, key=lambda r: r["ms"])
+
+
+def _bench(ctx: int, a, timed, band_only: bool = False):
     from vllm import _custom_ops
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
 
@@ -112,13 +144,28 @@ def _bench(ctx: int, a, timed) -> dict:
     qsl = list(range(0, n + 1, c))
     tiles = {}
     for hpp in sorted({1, 2, 4, hpp_default} & {d for d in (1, 2, 4, 8) if group % d == 0}):
-        reqs, starts = ops_cuda.band_tiles(qsl, ops_cuda.BAND_ROWS // hpp)
+        reqs, starts = ops_cuda.band_tiles(qsl, ops_cuda.BAND_TILING.tokens_per_tile(hpp))
         tiles[hpp] = (torch.tensor(reqs, dtype=torch.int32, device=dev),
                       torch.tensor(starts, dtype=torch.int32, device=dev))  # fmt: skip
 
     def band(lse, hpp):
         tr, ts = tiles[hpp]
         ops_cuda.band_sink_attention(q, qs, kc, vc, out, lse, pos, bt, cu, tr, ts, S, W, wx, D**-0.5, hpp)
+
+    if band_only:
+        _, lse_band = fa([wx, 0], True)
+        swept: dict = {}
+
+        def band_tiled(hpp, tiling):
+            key = (hpp, tiling.tokens_per_tile(hpp))
+            if key not in swept:
+                reqs, starts = ops_cuda.band_tiles(qsl, key[1])
+                swept[key] = (torch.tensor(reqs, dtype=torch.int32, device=dev),
+                              torch.tensor(starts, dtype=torch.int32, device=dev))  # fmt: skip
+            ops_cuda.band_sink_attention(q, qs, kc, vc, out, lse_band, pos, bt, cu, *swept[key], S, W, wx,
+                                         D**-0.5, hpp, tiling)  # fmt: skip
+
+        return band_tiled, hpp_default, set(tiles)
 
     def sinks_attn():
         _, lse = fa([wx, 0], True)

@@ -70,3 +70,18 @@ def test_block_bound():
     # ceil(4/16) + ceil((60 + 64)/16) + 1
     assert cfg.max_blocks_per_request(16, 64) == 1 + 8 + 1
     assert SinksConfig(0, 60).max_blocks_per_request(16, 1) == 0 + 4 + 1
+
+
+def test_band_tiling_override_is_validated(monkeypatch):
+    """VLLM_SINKS_BAND_TILING picks band_sink_attention's launch shape; a malformed one is refused with what
+    to write instead, never silently replaced by the default."""
+    from vllm_sinks.ops_cuda import BandTiling
+
+    monkeypatch.setenv("VLLM_SINKS_BAND_TILING", "128,32,8,2")
+    assert BandTiling.from_env() == BandTiling(rows=128, keys=32, num_warps=8, num_stages=2)
+    for bad in ("64,64,4", "48,64,4,3", "64,64,3,3", "64,64,4,0", "a,b,c,d"):
+        monkeypatch.setenv("VLLM_SINKS_BAND_TILING", bad)
+        with pytest.raises(ValueError, match="rows,keys,num_warps,num_stages"):
+            BandTiling.from_env()
+    monkeypatch.delenv("VLLM_SINKS_BAND_TILING")
+    assert BandTiling.from_env() == BandTiling()

@@ -18,6 +18,7 @@ The kernels take device tensors only; the decode-step ones can be captured in CU
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -275,8 +276,28 @@ class BandTiling:
     def tokens_per_tile(self, heads_per_program: int) -> int:
         return self.rows // heads_per_program
 
+    @classmethod
+    def from_env(cls) -> BandTiling:
+        """VLLM_SINKS_BAND_TILING="rows,keys,num_warps,num_stages" overrides the default (to tune another
+        GPU with prefill_ab.py --band-sweep); unset: the default."""
+        spec = os.environ.get("VLLM_SINKS_BAND_TILING", "").strip()
+        if not spec:
+            return cls()
+        try:
+            rows, keys, warps, stages = (int(x) for x in spec.split(","))
+        except ValueError:
+            rows = keys = warps = stages = -1
+        shapes_ok = all(x >= 16 and x & (x - 1) == 0 for x in (rows, keys))
+        if not (shapes_ok and warps in (1, 2, 4, 8, 16) and 1 <= stages <= 8):
+            raise ValueError(
+                f"VLLM_SINKS_BAND_TILING={spec!r}: expected rows,keys,num_warps,num_stages: rows and keys "
+                "powers of two >= 16, num_warps a power of two up to 16, num_stages 1..8 (e.g. 64,64,4,3); "
+                "unset it for the default"
+            )
+        return cls(rows, keys, warps, stages)
 
-BAND_TILING = BandTiling()
+
+BAND_TILING = BandTiling.from_env()
 
 
 def band_tiles(query_start_loc: list[int], tokens_per_tile: int) -> tuple[list[int], list[int]]:

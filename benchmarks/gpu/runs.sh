@@ -8,6 +8,10 @@
 #   kernels        the GPU kernel test alone
 #   speed          decode kernel vs copy bandwidth, prefill attention A/B, model-level error vs dense
 #   equality       the GPU equality test (5 configurations, bf16 vs the float32 reference)
+#   band_sweep     band_sink_attention's launch shapes at 16k context (prefill_ab.py --band-sweep); writes the
+#                  fastest at the default heads per program to OUT/band_best.txt
+#   band_check [TILING]  the GPU kernel test and prefill_ab.py with VLLM_SINKS_BAND_TILING=TILING (default:
+#                  OUT/band_best.txt)
 #   paused         paused chats, 32 and 64 chats x 65,536-token histories (S=4, W=4092)
 #   capacity       100 chats x 65,536-token uncached prompts arriving together
 #   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
@@ -57,6 +61,30 @@ case $STEP in
     ;;
   equality)
     python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_equality.py 2>&1 | tee "$OUT/gpu_equality.log" | grep -E "mean|passed|failed|Error" | tail -12
+    ;;
+  band_sweep)
+    python3 benchmarks/gpu/prefill_ab.py --contexts 16384 --band-sweep 16384 --out "$OUT/prefill_band_sweep.json" \
+      > "$OUT/prefill_band_sweep.log" 2>&1
+    python3 - "$OUT" <<'PY'
+import json, sys
+d = json.load(open(f"{sys.argv[1]}/prefill_band_sweep.json"))
+print(json.dumps(d["rows"][0]))
+sweep = d["band_sweep"]
+for r in sweep[:10] + [r for r in sweep if r["default"]]:
+    print(r)
+hpp = next(r["heads_per_program"] for r in sweep if r["default"])
+best = next(r for r in sweep if r["heads_per_program"] == hpp)
+open(f"{sys.argv[1]}/band_best.txt", "w").write(f"{best['rows']},{best['keys']},{best['num_warps']},{best['num_stages']}")
+PY
+    tail -3 "$OUT/prefill_band_sweep.log" | grep -i error
+    ;;
+  band_check)
+    TILING=${3:-$(cat "$OUT/band_best.txt")}
+    echo "VLLM_SINKS_BAND_TILING=$TILING"
+    VLLM_SINKS_BAND_TILING=$TILING python3 benchmarks/gpu/prefill_ab.py --out "$OUT/prefill_ab_tiling.json" 2>&1 | tail -2
+    python3 benchmarks/gpu/prefill_ab.py --out "$OUT/prefill_ab_default.json" 2>&1 | tail -2
+    VLLM_SINKS_BAND_TILING=$TILING python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 \
+      | tee "$OUT/gpu_kernels_test_tiling.log" | tail -4
     ;;
   paused)
     python3 benchmarks/bench_paused_chats.py --chats 32,64 --history 65536 --out "$OUT/paused_chats.json" > "$OUT/paused_chats.log" 2>&1

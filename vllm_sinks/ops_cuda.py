@@ -269,9 +269,9 @@ class BandTiling:
     default); the default is the fastest measured (benchmarks/gpu/prefill_ab.py --band-sweep)."""
 
     rows: int = 64
-    keys: int = 64
+    keys: int = 32
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
 
     def tokens_per_tile(self, heads_per_program: int) -> int:
         return self.rows // heads_per_program

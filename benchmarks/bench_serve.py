@@ -92,6 +92,14 @@ class Load:
         self.itl_at: list[tuple[float, float]] = []  # (seconds since start, inter-token gap)
         self.start = time.monotonic()
         self.chats_done = 0
+        lo, _, hi = str(a.user_words).partition(":")
+        self.user_words = (int(lo), int(hi or lo))
+        ids_lo, ids_hi = (int(x) for x in a.allowed_token_ids.split(":")) if a.allowed_token_ids else (0, 0)
+        self.allowed_token_ids = list(range(ids_lo, ids_hi)) if a.allowed_token_ids else None
+
+    def user_message(self, rng: random.Random, cid: int) -> str:
+        """One user turn: --user-words words (N, or LO:HI at random)."""
+        return f"chat {cid}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(*self.user_words)))
 
     async def chat(self, client, cid: int, deadline: float) -> None:
         import httpx
@@ -99,19 +107,15 @@ class Load:
         rng = random.Random(cid)
         messages: list[dict] = []
         url = self.a.base_url + "/v1/chat/completions"
-        lo, _, hi = str(self.a.user_words).partition(":")
-        lo, hi = int(lo), int(hi or lo)
         while time.monotonic() < deadline:
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-            messages.append({"role": "user", "content": f"chat {cid}: {words}"})
+            messages.append({"role": "user", "content": self.user_message(rng, cid)})
             drop = rng.random() < self.a.disconnect_rate
             drop_after = rng.randrange(1, self.a.max_tokens) if drop else None
             body = {"model": self.a.model, "messages": messages, "max_tokens": self.a.max_tokens,
                     "temperature": 0.0, "stream": True, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}  # fmt: skip
-            if self.a.allowed_token_ids:
-                lo, hi = (int(x) for x in self.a.allowed_token_ids.split(":"))
-                body["allowed_token_ids"] = list(range(lo, hi))
+            if self.allowed_token_ids:
+                body["allowed_token_ids"] = self.allowed_token_ids
             reply, n, last, usage, ttft = [], 0, None, None, None
             t0 = time.perf_counter()
             t_turn = time.monotonic() - self.start

@@ -88,3 +88,19 @@ def test_plot_scripts_render_the_committed_results(tmp_path):
     quality = os.path.join(here, "results", "quality_smollm2_kjv_h200_2026-11-23.json")
     plot_ppl.main([quality, "--out", str(tmp_path / "q.png")])
     assert (tmp_path / "tm.png").stat().st_size > 10_000 and (tmp_path / "q.png").stat().st_size > 10_000
+
+
+def test_bench_serve_user_messages_follow_user_words():
+    """The serving load's user turns have --user-words words, with or without --allowed-token-ids (the
+    2026-11-24 loads drew 3..380 words: the allowed-id range overwrote the word range)."""
+    import random
+
+    import bench_serve
+
+    for words, lo, hi in (("12", 12, 12), ("280:1100", 280, 1100)):
+        load = bench_serve.Load(bench_serve.parse(["--base-url", "u", "--model", "m", "--user-words", words,
+                                                   "--allowed-token-ids", "3:380"]))  # fmt: skip
+        rng = random.Random(0)
+        counts = [len(load.user_message(rng, 7).split()) - 2 for _ in range(200)]  # minus "chat 7:"
+        assert lo <= min(counts) and max(counts) <= hi
+        assert load.allowed_token_ids == list(range(3, 380))

@@ -128,7 +128,13 @@ class TokenIds(Sequence):
         return self.view().tolist()
 
     def append(self, token_id: int) -> None:
-        self.extend((token_id,))
+        store, slot = self._store, self._slot
+        end = store.lengths[slot]
+        if end >= max(store.lengths) and end < store.array.shape[0]:  # no other view covers it; room left
+            store.array[end] = token_id
+            store.lengths[slot] = end + 1
+        else:
+            self.extend((token_id,))
 
     def extend(self, ids: Iterable[int]) -> None:
         values = np.asarray(ids if isinstance(ids, (list, tuple, np.ndarray)) else list(ids), dtype=np.int32)

@@ -291,8 +291,8 @@ class BandTiling:
         if not (shapes_ok and warps in (1, 2, 4, 8, 16) and 1 <= stages <= 8):
             raise ValueError(
                 f"VLLM_SINKS_BAND_TILING={spec!r}: expected rows,keys,num_warps,num_stages: rows and keys "
-                "powers of two >= 16, num_warps a power of two up to 16, num_stages 1..8 (e.g. 64,64,4,3); "
-                "unset it for the default"
+                "powers of two >= 16, num_warps a power of two up to 16, num_stages 1..8; the default is "
+                "64,32,4,2 (unset it for the default)"
             )
         return cls(rows, keys, warps, stages)
 

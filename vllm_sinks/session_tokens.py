@@ -124,9 +124,6 @@ class TokenIds(Sequence):
     def copy(self) -> list[int]:
         return self.view().tolist()
 
-    def tolist(self) -> list[int]:
-        return self.view().tolist()
-
     def append(self, token_id: int) -> None:
         store, slot = self._store, self._slot
         end = store.lengths[slot]
@@ -138,14 +135,12 @@ class TokenIds(Sequence):
 
     def extend(self, ids: Iterable[int]) -> None:
         values = np.asarray(ids if isinstance(ids, (list, tuple, np.ndarray)) else list(ids), dtype=np.int32)
-        if values.ndim != 1:
-            values = values.reshape(-1)
         if len(values):
             self._store.write(self._slot, values)
 
     def __delitem__(self, item) -> None:
         """Only truncation (`del ids[n:]`), the one deletion vLLM makes."""
-        if not isinstance(item, slice) or item.step not in (None, 1) or item.stop not in (None,):
+        if not isinstance(item, slice) or item.step not in (None, 1) or item.stop is not None:
             raise TypeError("TokenIds supports only truncation: del ids[n:]")
         n = self._length
         start = 0 if item.start is None else item.start

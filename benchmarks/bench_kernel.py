@@ -9,14 +9,21 @@ timings over a CUDA graph of the step) and GB/s, plus the host's device-to-devic
                those in two more kernels outside its attention call);
 and each of the two Triton kernels alone.
     python benchmarks/bench_kernel.py --out benchmarks/results/kernel_h100.json
+--merge-sweep adds, per context, `attention` over the merge's launch shapes (query heads per program x
+num_warps) and `sinks` over rope_and_cache's programs per token. --prev-ops FILE times `attention` and `sinks`
+again with the kernels of another ops_cuda.py (e.g. `git show REV:vllm_sinks/ops_cuda.py > /tmp/prev.py`),
+side by side in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import json
 import math
+import sys
 
 import torch
 
@@ -30,6 +37,8 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--contexts", default="8192,32768,262144")
+    p.add_argument("--merge-sweep", action="store_true")
+    p.add_argument("--prev-ops", default=None, help="an earlier ops_cuda.py to time side by side")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
@@ -51,7 +60,7 @@ def main(argv=None):
         "head_dim": a.head_dim,
         "date": datetime.date.today().isoformat(),
         "rows": rows,
-        "command": "python benchmarks/bench_kernel.py " + " ".join(argv or []),
+        "command": "python benchmarks/bench_kernel.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     print(json.dumps(res, indent=1))
     if a.out:
@@ -67,6 +76,14 @@ def _copy_bandwidth() -> float:
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
     return 2 * x.numel() / ms / 1e6
+
+
+def _load_module(path: str):
+    spec = importlib.util.spec_from_file_location("prev_ops_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _timed(fn) -> float:
@@ -121,14 +138,19 @@ def _bench_context(ctx: int, a, fa_version: int, copy_gbs: float) -> dict:
             return_softmax_lse=lse, fa_version=fa_version,
         )  # fmt: skip
 
-    def sinks_step():
-        ops_cuda.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
+    def sinks_step(rope_programs=None, ops=ops_cuda):
+        if ops is ops_cuda:
+            ops.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True, rope_programs)
+        else:
+            ops.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
         _, lse = fa(True)
-        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
+        ops.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
 
-    def attention():  # window + sinks + merge: the attention proper, without rotation and cache write
+    def attention(hpp=None, num_warps=None, ops=ops_cuda):
+        """Window + sinks + merge: the attention proper, without rotation and cache write."""
         _, lse = fa(True)
-        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
+        extra = {} if num_warps is None else {"num_warps": num_warps}
+        ops.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, None, hpp, **extra)
 
     _, lse_fixed = fa(True)
     window_bytes = n * (W + 1) * HK * D * 2 * 2
@@ -143,6 +165,24 @@ def _bench_context(ctx: int, a, fa_version: int, copy_gbs: float) -> dict:
             lambda: ops_cuda.sink_attention_merge(qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)
         ),
     }  # fmt: skip
+    if a.merge_sweep:
+        row["merge_sweep"] = []
+        for hpp in [x for x in (1, 2, 4) if (H // HK) % x == 0]:
+            for nw in (1, 2, 4):
+                ms = _timed(functools.partial(attention, hpp, nw))
+                row["merge_sweep"].append(
+                    {"heads_per_program": hpp, "num_warps": nw, "attention_ms": round(ms, 4)}
+                )
+        row["rope_sweep"] = []
+        for pp in [x for x in sorted({1, 2, HK}) if HK % x == 0]:
+            ms = _timed(functools.partial(sinks_step, pp))
+            row["rope_sweep"].append({"programs_per_token": pp, "sinks_ms": round(ms, 4)})
+    if a.prev_ops:
+        prev = _load_module(a.prev_ops)
+        row["prev_attention_ms"] = round(_timed(lambda: attention(ops=prev)), 4)
+        row["prev_sinks_ms"] = round(_timed(lambda: sinks_step(ops=prev)), 4)
+        row["again_attention_ms"] = round(_timed(attention), 4)  # this code again, after the earlier one
+        row["again_sinks_ms"] = round(_timed(sinks_step), 4)
     for key in ("fa_window_ms", "fa_window_lse_ms", "attention_ms", "sinks_ms"):
         row[key.replace("_ms", "_gbs")] = round(window_bytes / row[key] / 1e6, 1)
     for key in [k for k in row if k.endswith("_ms")]:

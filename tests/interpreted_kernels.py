@@ -21,10 +21,12 @@ from attention_oracle import window_attention  # noqa: E402
 
 
 def run_case(
-    S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed, hpp=1, short=False, band_fa_window=None
-) -> dict:
-    """hpp: the merge kernel's heads_per_program; short: every context <= W + 1, so no token reaches a
-    sink outside its window and the merge is not launched (max_seq_len passed as the backend does).
+    S, W, head_size, heads, kv_heads, rotary_dim, neox, dtype, seed, hpp=1, short=False, band_fa_window=None,
+    rope_programs=1,
+) -> dict:  # fmt: skip
+    """hpp: the merge kernel's heads_per_program; rope_programs: rope_and_cache's programs per token;
+    short: every context <= W + 1, so no token reaches a sink outside its window and the merge is not
+    launched (max_seq_len passed as the backend does).
     band_fa_window: check band_sink_attention (the path of steps with prefill rows) instead, with FA's part
     over [t - band_fa_window, t] (-1: no FA part, the kernel takes the whole window)."""
     from vllm_sinks import ops_cuda, ops_torch
@@ -77,7 +79,7 @@ def run_case(
     q_k = q.clone()
     q_sink = torch.empty_like(q_k)
     kc, vc = kv.unbind(0)
-    ops_cuda.rope_and_cache(q_k, k, v, q_sink, kc, vc, slots, cw, sw, cs, ss, rotary_dim, neox)
+    ops_cuda.rope_and_cache(q_k, k, v, q_sink, kc, vc, slots, cw, sw, cs, ss, rotary_dim, neox, rope_programs)
     if band_fa_window is None:
         out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, W, scale)
         out = out_w.to(dtype)
@@ -99,7 +101,7 @@ def run_case(
     return {
         "kernel": "merge" if band_fa_window is None else "band", "fa_window": band_fa_window,
         "S": S, "W": W, "head_size": head_size, "heads": heads, "kv_heads": kv_heads, "dtype": str(dtype),
-        "heads_per_program": hpp, "short": short,
+        "heads_per_program": hpp, "rope_programs": rope_programs, "short": short,
         "tokens": n, "merged_tokens": int(((positions - W).clamp(min=0) > 0).sum()) if S else 0,
         "cache_err": (kv.float() - kv_ref).abs().max().item(),
         "rel_err": ((out.float() - out_ref).norm() / out_ref.norm()).item(),
@@ -124,8 +126,10 @@ if __name__ == "__main__":
         group = case[3] // case[4]
         for dtype in dtypes:
             print(json.dumps(run_case(*case, dtype, seed=1000 + i)), flush=True)
-            if group > 1:  # a KV head's query heads in one program (the largest power of two dividing H/HK)
-                print(json.dumps(run_case(*case, dtype, seed=1000 + i, hpp=group & -group)), flush=True)
+            if group > 1:  # a KV head's query heads in one program (the largest power of two dividing H/HK),
+                # and rope_and_cache with one program per KV head and its query heads
+                row = run_case(*case, dtype, seed=1000 + i, hpp=group & -group, rope_programs=case[4])
+                print(json.dumps(row), flush=True)
     for dtype in dtypes:
         print(json.dumps(run_case(*CASES[0], dtype, seed=999, short=True)), flush=True)
     # band_sink_attention: FA's part over an exact window W' < W (or none), the band and sinks here.

@@ -9,8 +9,8 @@ it with the exact window W' = ops_cuda.exact_fa_window(W) and add the band [t - 
   cache, and the output equals merge(FlashAttention's own output and LSE, the exact rest) in float32
   (tests/attention_oracle.py): everything but FlashAttention's part.
 * test_cuda_path_matches_streamingllm: the whole path, FlashAttention included, across W in
-  {60, 252, 496, 1020, 1023, 4092}, head sizes {64, 128, 256}, GQA {1, 4, 8}, bf16 and fp16, five batches
-  each (four mixed, one decode-only): 540 batches, no row over tolerance.
+  {60, 252, 496, 1020, 1023, 4092}, head sizes {64, 128, 256}, GQA {1, 4, 8} (and GQA 6 at head size 128),
+  bf16 and fp16, five batches each (four mixed, one decode-only): 600 batches, no row over tolerance.
 Seeds are fixed per case (crc32 of the parameters), so a failure reproduces. FlashAttention-3's own defect
 (a window W with (W + 1) mod kBlockN != 0 in prefill rows) is shown by benchmarks/gpu/fa_window_diag.py."""
 
@@ -103,7 +103,7 @@ def make_case(
     )  # fmt: skip
 
 
-def rope_and_cache_on_device(c: dict) -> dict:
+def rope_and_cache_on_device(c: dict, programs_per_token: int | None = None) -> dict:
     """The case's tensors on the GPU after ops_cuda.rope_and_cache (q rotated in place, K/V cached)."""
     from vllm_sinks import ops_cuda
 
@@ -114,6 +114,7 @@ def rope_and_cache_on_device(c: dict) -> dict:
     ops_cuda.rope_and_cache(
         d["q"], c["k"].to(dev), c["v"].to(dev), d["q_sink"], d["kc"], d["vc"], c["slots"].to(dev),
         c["cw"].to(dev), c["sw"].to(dev), c["cs"].to(dev), c["ss"].to(dev), c["rotary_dim"], c["neox"],
+        programs_per_token,
     )  # fmt: skip
     return d
 
@@ -134,11 +135,11 @@ def fa_window(c: dict, d: dict, out: torch.Tensor, window: int | None = None, **
     return res[1]
 
 
-def cuda_path(c: dict, heads_per_program: int | None = None) -> dict:
+def cuda_path(c: dict, heads_per_program: int | None = None, rope_programs: int | None = None) -> dict:
     """The batch through the backend's CUDA path; returns its output and FlashAttention's part alone."""
     from vllm_sinks import ops_cuda
 
-    d = rope_and_cache_on_device(c)
+    d = rope_and_cache_on_device(c, rope_programs)
     S, W, n = c["S"], c["W"], c["n"]
     group = c["heads"] // d["kc"].shape[2]
     prefill = max(c["q_lens"]) > 1
@@ -187,12 +188,13 @@ KERNEL_CASES = pytest.mark.parametrize(
 @pytest.mark.parametrize("grouped", [False, True], ids=["head_per_program", "group_per_program"])
 def test_kernels_match_torch(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox, decode_only, grouped):
     """rope_and_cache, then sink_attention_merge (decode-only) or band_sink_attention (with prefill rows),
-    one query head or a KV head's group per program, given FlashAttention's own output and LSE."""
+    one query head or a KV head's group per program (and rope_and_cache with all heads of a token in one
+    program, or one program per KV head and its query heads), given FlashAttention's own output and LSE."""
     from attention_oracle import band_sink_part, merge
 
     group = heads // kv_heads
     c = make_case(dtype, S, W, head_size, heads, kv_heads, rotary_dim, neox, decode_only=decode_only)
-    r = cuda_path(c, (group & -group) if grouped else 1)
+    r = cuda_path(c, (group & -group) if grouped else 1, kv_heads if grouped else 1)
     assert not torch.isnan(r["out"]).any(), "unwritten output rows"
     # The cache written by the kernel equals the reference cache (bf16/fp16 rounding of the same values).
     cache_err = (r["kv_dev"] - c["kv_ref"]).abs().max().item()
@@ -216,7 +218,7 @@ SHAPES = [  # head_size, heads, kv_heads, rotary_dim, neox: GQA 1, 4 and 8 for e
     (hd, heads, kvh, rd, neox)
     for hd in (64, 128, 256)
     for (heads, kvh), rd, neox in (((4, 4), hd, True), ((8, 2), hd // 2, False), ((8, 1), hd, True))
-]
+] + [(128, 12, 2, 128, True)]  # GQA 6, Qwen2.5-1.5B's heads: a group that is not a power of two
 SHAPE_IDS = [f"hd{s[0]}-{s[1]}x{s[2]}" for s in SHAPES]
 WINDOWS = [(16, 60), (1, 252), (0, 496), (4, 1020), (4, 1023), (4, 4092)]  # (S, W)
 

@@ -27,6 +27,7 @@ def test_triton_kernels_match_torch_in_the_interpreter():
     # GQA cases, and a batch with no context past W + 1 (merge not launched).
     assert len(merge) == 8 + 6 + 2, proc.stdout[-2000:]
     assert {r["heads_per_program"] for r in merge} == {1, 2, 4, 8}
+    assert {r["rope_programs"] for r in merge} == {1, 2}  # all heads in one program; a KV head's per program
     assert all(r["merged_tokens"] == 0 for r in merge if r["short"])
     # band_sink_attention: the same 4 cases with FA's part over a window W' < W, by dtype and layout, and
     # 3 with no FA part.

@@ -42,10 +42,12 @@ def _rope_and_cache_kernel(
     cw_ptr, sw_ptr, cs_ptr, ss_ptr,
     q_st, q_sh, k_st, k_sh, v_st, v_sh, qs_st, qs_sh,
     kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, cos_st,
-    H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, HALF: tl.constexpr,
+    QH: tl.constexpr, KH: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, HALF: tl.constexpr,
     NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr, BH: tl.constexpr, BHK: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
+    """Program (t, g): token t, query heads [g * QH, (g + 1) * QH) and KV heads [g * KH, (g + 1) * KH)."""
     t = tl.program_id(0)
+    g = tl.program_id(1)
     d = tl.arange(0, BD)
     if NEOX:
         partner = tl.where(d < HALF, d + HALF, d - HALF)
@@ -60,9 +62,10 @@ def _rope_and_cache_kernel(
     sw = tl.load(sw_ptr + t * cos_st + fi, mask=dmask, other=0.0)
     cs = tl.load(cs_ptr + t * cos_st + fi, mask=dmask, other=1.0)
     ss = tl.load(ss_ptr + t * cos_st + fi, mask=dmask, other=0.0)
+    slot = tl.load(slot_ptr + t)
     # Queries: window rotation in place, sink rotation to qs.
-    h = tl.arange(0, BH)
-    qm = (h[:, None] < H) & dmask[None, :]
+    h = g * QH + tl.arange(0, BH)
+    qm = (tl.arange(0, BH)[:, None] < QH) & dmask[None, :]
     q_off = t * q_st + h[:, None] * q_sh
     q = tl.load(q_ptr + q_off + d[None, :], mask=qm, other=0.0).to(tl.float32)
     qp = tl.load(q_ptr + q_off + partner[None, :], mask=qm, other=0.0).to(tl.float32)
@@ -73,12 +76,11 @@ def _rope_and_cache_kernel(
     )
     tl.store(q_ptr + q_off + d[None, :], q_win.to(q_ptr.dtype.element_ty), mask=qm)
     # Keys rotated at the true index, values as they are, into the cache.
-    slot = tl.load(slot_ptr + t)
     if slot >= 0:
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
-        hk = tl.arange(0, BHK)
-        km = (hk[:, None] < HK) & dmask[None, :]
+        hk = g * KH + tl.arange(0, BHK)
+        km = (tl.arange(0, BHK)[:, None] < KH) & dmask[None, :]
         k_off = t * k_st + hk[:, None] * k_sh
         k = tl.load(k_ptr + k_off + d[None, :], mask=km, other=0.0).to(tl.float32)
         kp = tl.load(k_ptr + k_off + partner[None, :], mask=km, other=0.0).to(tl.float32)
@@ -104,25 +106,37 @@ def rope_and_cache(
     sin_sink: torch.Tensor,
     rotary_dim: int,
     is_neox_style: bool,
+    programs_per_token: int | None = None,
 ) -> None:
     """query [n, H, D] is rotated in place (window); q_sink [n, H, D] receives the sink rotation;
-    key/value [n, HK, D] go to key_cache/value_cache [blocks, B, HK, D] at slot_mapping (< 0: skipped)."""
+    key/value [n, HK, D] go to key_cache/value_cache [blocks, B, HK, D] at slot_mapping (< 0: skipped).
+    `programs_per_token` splits a token's heads over that many programs, each a share of the query and KV
+    heads (a divisor of HK; None: ROPE_PROGRAMS_PER_TOKEN where it divides HK, else 1)."""
     n, num_heads, head_size = query.shape
     num_kv_heads = key.shape[1]
     if n == 0:
         return
-    _rope_and_cache_kernel[(n,)](
+    p = programs_per_token
+    if p is None:
+        p = ROPE_PROGRAMS_PER_TOKEN if num_kv_heads % ROPE_PROGRAMS_PER_TOKEN == 0 else 1
+    if p < 1 or num_kv_heads % p:
+        raise ValueError(f"programs_per_token={p}: use a divisor of the KV heads ({num_kv_heads})")
+    qh, kh = num_heads // p, num_kv_heads // p
+    _rope_and_cache_kernel[(n, p)](
         query, key, value, q_sink, key_cache, value_cache, slot_mapping,
         cos_win, sin_win, cos_sink, sin_sink,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         q_sink.stride(0), q_sink.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), cos_win.stride(0),
-        H=num_heads, HK=num_kv_heads, D=head_size, RD=rotary_dim, HALF=rotary_dim // 2, NEOX=is_neox_style,
-        BLOCK_SIZE=key_cache.shape[1], BH=triton.next_power_of_2(num_heads),
-        BHK=triton.next_power_of_2(num_kv_heads), BD=triton.next_power_of_2(head_size),
+        QH=qh, KH=kh, D=head_size, RD=rotary_dim, HALF=rotary_dim // 2, NEOX=is_neox_style,
+        BLOCK_SIZE=key_cache.shape[1], BH=triton.next_power_of_2(qh),
+        BHK=triton.next_power_of_2(kh), BD=triton.next_power_of_2(head_size),
     )  # fmt: skip
 
+
+# rope_and_cache's programs per token by default (each a KV head's share of the heads when it divides HK).
+ROPE_PROGRAMS_PER_TOKEN = 1
 
 # Steps of at least this many tokens merge all query heads of a KV head in one program.
 GROUPED_MIN_TOKENS = 512
@@ -145,18 +159,24 @@ def _sink_merge_kernel(
     scale, S, W, GROUP: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    """Program (t, g): token t, query heads [g * HPP, (g + 1) * HPP); they share a KV head (HPP | GROUP)."""
+    """Program (t, g): token t, query heads [g * HPP, (g + 1) * HPP); they share a KV head (HPP | GROUP).
+    Loads that do not depend on one another are issued together (position, request, query, FA's row and
+    LSE), so a decode step's merge waits on three memory round trips, not five."""
     t = tl.program_id(0)
     h0 = tl.program_id(1) * HPP
+    hk = h0 // GROUP
+    hh = h0 + tl.arange(0, HPP)
+    d = tl.arange(0, BD)
+    j = tl.arange(0, BS)
+    dmask = d < D
     pos = tl.load(pos_ptr + t)
+    r = tl.load(req_ptr + t)
+    q = tl.load(qs_ptr + t * qs_st + hh[:, None] * qs_sh + d[None, :], mask=dmask[None, :], other=0.0)
+    lse_w = tl.load(lse_ptr + hh * lse_sh + t * lse_st)
+    od = t * out_st + hh[:, None] * out_sh + d[None, :]
+    o_w = tl.load(out_ptr + od, mask=dmask[None, :], other=0.0)
     n_valid = tl.minimum(pos - W, S)
     if n_valid > 0:
-        r = tl.load(req_ptr + t)
-        hk = h0 // GROUP
-        hh = h0 + tl.arange(0, HPP)
-        d = tl.arange(0, BD)
-        j = tl.arange(0, BS)
-        dmask = d < D
         jmask = j < n_valid
         blk = tl.load(bt_ptr + r * bt_sr + j // BLOCK_SIZE, mask=jmask, other=0).to(tl.int64)
         off = j % BLOCK_SIZE
@@ -167,22 +187,17 @@ def _sink_merge_kernel(
         v = tl.load(
             vc_ptr + blk[:, None] * vc_sb + off[:, None] * vc_so + hk * vc_sh + d[None, :], mask=m2, other=0.0
         ).to(tl.float32)
-        hd = hh[:, None] * qs_sh + d[None, :]
-        q = tl.load(qs_ptr + t * qs_st + hd, mask=dmask[None, :], other=0.0).to(tl.float32)  # [HPP, BD]
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [HPP, BS]
+        scores = tl.sum(q.to(tl.float32)[:, None, :] * k[None, :, :], axis=2) * scale  # [HPP, BS]
         scores = tl.where(jmask[None, :], scores, float("-inf"))
         m_s = tl.max(scores, axis=1)
         p = tl.exp(scores - m_s[:, None])
         l_s = tl.sum(p, axis=1)
         o_s = tl.sum(p[:, :, None] * v[None, :, :], axis=1) / l_s[:, None]  # [HPP, BD]
         lse_s = m_s + tl.log(l_s)
-        lse_w = tl.load(lse_ptr + hh * lse_sh + t * lse_st)
-        od = t * out_st + hh[:, None] * out_sh + d[None, :]
-        o_w = tl.load(out_ptr + od, mask=dmask[None, :], other=0.0).to(tl.float32)
         m = tl.maximum(lse_w, lse_s)
         a = tl.exp(lse_w - m)
         b = tl.exp(lse_s - m)
-        o = (a[:, None] * o_w + b[:, None] * o_s) / (a + b)[:, None]
+        o = (a[:, None] * o_w.to(tl.float32) + b[:, None] * o_s) / (a + b)[:, None]
         tl.store(out_ptr + od, o.to(out_ptr.dtype.element_ty), mask=dmask[None, :])
 
 
@@ -200,13 +215,15 @@ def sink_attention_merge(
     scale: float,
     max_seq_len: int | None = None,
     heads_per_program: int | None = None,
+    num_warps: int = 4,
 ) -> None:
     """Adds the sink part to `out` ([n, H, D], the window attention) in place, using the window's
     log-sum-exp `window_lse` ([H, n], FlashAttention's layout). Tokens with no sink outside their window
     are left as they are. `max_seq_len` (host int, the step's longest context): when no token can reach
     past its window, nothing is launched, except while a CUDA graph is captured (the graph is replayed with
     longer contexts). `heads_per_program`: query heads of one KV head per program, a power of two dividing
-    H / HK; more means fewer programs and one load of each sink key (None: merge_heads_per_program)."""
+    H / HK; more means fewer programs and one load of each sink key (None: merge_heads_per_program);
+    `num_warps`: Triton's, per program."""
     n, num_heads, head_size = q_sink.shape
     if n == 0 or sink_tokens == 0:
         return
@@ -228,7 +245,7 @@ def sink_attention_merge(
         out.stride(0), out.stride(1), window_lse.stride(0), window_lse.stride(1), block_table.stride(0),
         scale, S=sink_tokens, W=window_tokens, GROUP=group, HPP=hpp, D=head_size,
         BLOCK_SIZE=key_cache.shape[1], BS=max(2, triton.next_power_of_2(sink_tokens)),
-        BD=triton.next_power_of_2(head_size),
+        BD=triton.next_power_of_2(head_size), num_warps=num_warps,
     )  # fmt: skip
 
 

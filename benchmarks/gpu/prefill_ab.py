@@ -18,7 +18,8 @@ The serving load (benchmarks/gpu/serve_load.sh) is prefill-bound, and SINKS' int
     python3 benchmarks/gpu/prefill_ab.py --out $OUT/prefill_ab.json
 --band-sweep CTX times band_sink_attention alone at context CTX over launch shapes (ops_cuda.BandTiling: rows
 per program, keys per step, num_warps, num_stages; then heads per program for the fastest three) and adds
-them, fastest first, as "band_sweep" (a shape Triton cannot launch, e.g. out of shared memory, is skipped).
+them, fastest first, as "band_sweep" (a shape Triton cannot launch, e.g. out of shared memory, is skipped);
+--band-grid picks the shapes (default: the 2026-11-24 sweep's).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main(argv=None) -> dict:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--band-sweep", type=int, default=None, metavar="CTX")
+    p.add_argument("--band-grid", default="64,128/32,64,128/4,8/1,2,3", metavar="ROWS/KEYS/WARPS/STAGES",
+                   help="the shapes --band-sweep tries: comma lists of rows, keys, num_warps, num_stages")  # fmt: skip
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from bench_kernel import _timed
@@ -91,7 +94,8 @@ def _band_sweep(ctx: int, a, timed) -> list[dict]:
                         "default": tiling == BAND_TILING and hpp == hpp_default})  # fmt: skip
         print(json.dumps(results[-1]), flush=True)
 
-    for rows, keys, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+    grid = [[int(x) for x in part.split(",")] for part in a.band_grid.split("/")]
+    for rows, keys, warps, stages in itertools.product(*grid):
         run(BandTiling(rows, keys, warps, stages), hpp_default)
     best = sorted(results, key=lambda r: r["ms"])[:3]
     for r in best:

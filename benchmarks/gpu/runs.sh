@@ -10,6 +10,9 @@
 #   equality       the GPU equality test (5 configurations, bf16 vs the float32 reference)
 #   band_sweep     band_sink_attention's launch shapes at 16k context (prefill_ab.py --band-sweep); writes the
 #                  fastest at the default heads per program to OUT/band_best.txt
+#   band_sweep2    the same over smaller shapes (rows 32/64, keys 16/32, 2/4 warps)
+#   decode_sweep [PREV_OPS]  bench_kernel.py --merge-sweep (decode merge: heads per program x num_warps;
+#                  rope_and_cache: programs per token), side by side with PREV_OPS (an earlier ops_cuda.py)
 #   band_check [TILING]  the GPU kernel test and prefill_ab.py with VLLM_SINKS_BAND_TILING=TILING (default:
 #                  OUT/band_best.txt)
 #   paused         paused chats, 32 and 64 chats x 65,536-token histories (S=4, W=4092)
@@ -77,6 +80,20 @@ best = next(r for r in sweep if r["heads_per_program"] == hpp)
 open(f"{sys.argv[1]}/band_best.txt", "w").write(f"{best['rows']},{best['keys']},{best['num_warps']},{best['num_stages']}")
 PY
     tail -3 "$OUT/prefill_band_sweep.log" | grep -i error
+    ;;
+  band_sweep2)
+    python3 benchmarks/gpu/prefill_ab.py --contexts 16384 --band-sweep 16384 --band-grid 32,64/16,32/2,4/1,2,3 \
+      --out "$OUT/prefill_band_sweep2.json" > "$OUT/prefill_band_sweep2.log" 2>&1
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['rows'][0]); [print(r) for r in d['band_sweep'][:8]]" \
+      "$OUT/prefill_band_sweep2.json"
+    tail -3 "$OUT/prefill_band_sweep2.log" | grep -i error
+    ;;
+  decode_sweep)
+    PREV=${3:+--prev-ops $3}
+    python3 benchmarks/bench_kernel.py --contexts 32768,262144 --merge-sweep $PREV --out "$OUT/kernel_decode_sweep.json" \
+      > "$OUT/kernel_decode_sweep.log" 2>&1
+    grep -E '^\{"context' "$OUT/kernel_decode_sweep.log" | cut -c1-1500
+    tail -3 "$OUT/kernel_decode_sweep.log" | grep -i error
     ;;
   band_check)
     TILING=${3:-$(cat "$OUT/band_best.txt")}

@@ -25,6 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+# Launch layouts by step size, measured on an H100 (benchmarks/bench_kernel.py --merge-sweep, decode batch 64;
+# benchmarks/gpu/prefill_ab.py, 8,192 prefill tokens). Decode-sized steps: rope_and_cache one program per KV
+# head and its query heads, the merge one query head per program in one warp. Steps of at least this many
+# tokens: rope_and_cache one program per token, the merge a KV head's query heads per program in 4 warps.
+GROUPED_MIN_TOKENS = 512
+
 
 @triton.jit
 def _rotate_2d(x, x_partner, cos, sin, d, RD: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr):
@@ -111,14 +117,14 @@ def rope_and_cache(
     """query [n, H, D] is rotated in place (window); q_sink [n, H, D] receives the sink rotation;
     key/value [n, HK, D] go to key_cache/value_cache [blocks, B, HK, D] at slot_mapping (< 0: skipped).
     `programs_per_token` splits a token's heads over that many programs, each a share of the query and KV
-    heads (a divisor of HK; None: ROPE_PROGRAMS_PER_TOKEN where it divides HK, else 1)."""
+    heads (a divisor of HK; None: one per KV head for decode-sized steps, one for larger ones)."""
     n, num_heads, head_size = query.shape
     num_kv_heads = key.shape[1]
     if n == 0:
         return
     p = programs_per_token
     if p is None:
-        p = ROPE_PROGRAMS_PER_TOKEN if num_kv_heads % ROPE_PROGRAMS_PER_TOKEN == 0 else 1
+        p = num_kv_heads if n < GROUPED_MIN_TOKENS else 1
     if p < 1 or num_kv_heads % p:
         raise ValueError(f"programs_per_token={p}: use a divisor of the KV heads ({num_kv_heads})")
     qh, kh = num_heads // p, num_kv_heads // p
@@ -134,12 +140,6 @@ def rope_and_cache(
         BHK=triton.next_power_of_2(kh), BD=triton.next_power_of_2(head_size),
     )  # fmt: skip
 
-
-# rope_and_cache's programs per token by default (each a KV head's share of the heads when it divides HK).
-ROPE_PROGRAMS_PER_TOKEN = 1
-
-# Steps of at least this many tokens merge all query heads of a KV head in one program.
-GROUPED_MIN_TOKENS = 512
 
 
 def merge_heads_per_program(num_tokens: int, group: int) -> int:
@@ -215,7 +215,7 @@ def sink_attention_merge(
     scale: float,
     max_seq_len: int | None = None,
     heads_per_program: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> None:
     """Adds the sink part to `out` ([n, H, D], the window attention) in place, using the window's
     log-sum-exp `window_lse` ([H, n], FlashAttention's layout). Tokens with no sink outside their window
@@ -223,7 +223,7 @@ def sink_attention_merge(
     past its window, nothing is launched, except while a CUDA graph is captured (the graph is replayed with
     longer contexts). `heads_per_program`: query heads of one KV head per program, a power of two dividing
     H / HK; more means fewer programs and one load of each sink key (None: merge_heads_per_program);
-    `num_warps`: Triton's, per program."""
+    `num_warps`: Triton's per program (None: 1 for decode-sized steps, else 4)."""
     n, num_heads, head_size = q_sink.shape
     if n == 0 or sink_tokens == 0:
         return
@@ -237,6 +237,8 @@ def sink_attention_merge(
         hpp = merge_heads_per_program(n, group)
     if hpp < 1 or hpp & (hpp - 1) or group % hpp:
         raise ValueError(f"heads_per_program={hpp}: use a power of two that divides H / HK = {group}")
+    if num_warps is None:
+        num_warps = 1 if n < GROUPED_MIN_TOKENS else 4
     _sink_merge_kernel[(n, num_heads // hpp)](
         q_sink, key_cache, value_cache, out, window_lse, positions, req_indices, block_table,
         q_sink.stride(0), q_sink.stride(1),

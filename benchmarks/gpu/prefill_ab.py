@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--band-sweep", type=int, default=None, metavar="CTX")
     p.add_argument("--band-grid", default="64,128/32,64,128/4,8/1,2,3", metavar="ROWS/KEYS/WARPS/STAGES",
-                   help="--band-sweep's shapes: comma lists of rows, keys, num_warps, num_stages")  # fmt: skip
+                   help="--band-sweep shapes: lists of rows, keys, num_warps, num_stages")  # fmt: skip
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from bench_kernel import _timed

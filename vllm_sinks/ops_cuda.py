@@ -141,7 +141,6 @@ def rope_and_cache(
     )  # fmt: skip
 
 
-
 def merge_heads_per_program(num_tokens: int, group: int) -> int:
     """sink_attention_merge's default layout: for prefill-sized steps the largest power of two dividing the
     GQA group (at most 8), so each sink key is loaded once per KV head (8,192 tokens at 16k context, GQA

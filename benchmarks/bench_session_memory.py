@@ -1,7 +1,8 @@
 """Host memory of one live session as it grows (vllm_sinks.sessions on AsyncLLM, SINKS): the resident memory
 of the front-end process, the engine core and its workers every --sample-every tokens, and the bytes each
-session token costs (the slope after the first sample). KV memory is flat by construction (S + W tokens);
-this measures what is not: vLLM's Request keeps every token id (and a block hash per full block) for the
+session token costs (the slope after the first sample): of the whole process tree with each page counted
+once (PSS), per process (USS, its own pages) and shared between them, next to the sum of RSS. KV memory
+is flat by construction (S + W tokens); this measures what is not: vLLM's Request keeps every token id (and a block hash per full block) for the
 life of the request, in the engine core and in the front end.
 
     python benchmarks/bench_session_memory.py --tokens 400000 --out session_memory.json      (CPU, tiny model)
@@ -50,6 +51,27 @@ def tree_rss_mib() -> dict[str, float]:
     return rss
 
 
+def tree_memory_mib() -> dict[str, dict[str, float]]:
+    """Memory (MiB) of this process and of each descendant, keyed by name and pid: rss, pss (shared pages
+    split among the processes that map them, so the tree's pss sums count each page once) and uss (pages
+    of that process alone). The engine core and a CPU worker share vLLM's shared-memory message ring
+    (/dev/shm), which a sum of RSS counts twice."""
+    import psutil
+
+    def one(p) -> dict[str, float]:
+        info = p.memory_full_info()
+        return {"rss": info.rss / 2**20, "pss": info.pss / 2**20, "uss": info.uss / 2**20}
+
+    me = psutil.Process()
+    mem = {f"front-end {me.pid}": one(me)}
+    for child in me.children(recursive=True):
+        try:
+            mem[f"{child.name()} {child.pid}"] = one(child)
+        except psutil.NoSuchProcess:
+            pass
+    return mem
+
+
 async def grow(a: argparse.Namespace, engine) -> list[dict]:
     import random
 
@@ -60,23 +82,15 @@ async def grow(a: argparse.Namespace, engine) -> list[dict]:
     samples, total, next_sample, times = [], 0, 0, []
     while True:
         if total >= next_sample:
-            rss = tree_rss_mib()
+            mem = tree_memory_mib()
             recent = sorted(times[-21:])
             turn_ms = round(recent[len(recent) // 2] * 1e3, 1) if recent else None
-            samples.append(
-                {
-                    "tokens": total,
-                    "rss_mib": {k: round(v, 1) for k, v in rss.items()},
-                    "rss_total_mib": round(sum(rss.values()), 1),
-                    "turn_ms_median_recent": turn_ms,
-                }
-            )
-            print(
-                samples[-1]["tokens"],
-                samples[-1]["rss_total_mib"],
-                samples[-1]["turn_ms_median_recent"],
-                flush=True,
-            )
+            sample = {"tokens": total, "turn_ms_median_recent": turn_ms}
+            for kind in ("rss", "pss", "uss"):
+                sample[f"{kind}_mib"] = {k: round(v[kind], 1) for k, v in mem.items()}
+                sample[f"{kind}_total_mib"] = round(sum(v[kind] for v in mem.values()), 1)
+            samples.append(sample)
+            print(total, sample["rss_total_mib"], sample["pss_total_mib"], turn_ms, flush=True)
             next_sample += a.sample_every
         if total >= a.tokens:
             break
@@ -129,13 +143,19 @@ def main(argv=None) -> dict:
                                                         "window_tokens": a.window_tokens}})  # fmt: skip
     samples = run_on_engine(args, lambda engine: grow(a, engine))
     first, last = samples[min(1, len(samples) - 2)], samples[-1]  # the first sample after warm-up
-    grown_mib = last["rss_total_mib"] - first["rss_total_mib"]
     tokens = max(1, last["tokens"] - first["tokens"])
-    slope = grown_mib * 2**20 / tokens
-    per_process = {}
-    for name, mib in last["rss_mib"].items():
-        grown = (mib - first["rss_mib"].get(name, 0.0)) * 2**20
-        per_process[name.rsplit(" ", 1)[0]] = round(grown / tokens, 1)
+
+    def slope(kind: str) -> float:
+        return round((last[f"{kind}_total_mib"] - first[f"{kind}_total_mib"]) * 2**20 / tokens, 1)
+
+    def per_process(kind: str) -> dict[str, float]:
+        grown = {}
+        for name, mib in last[f"{kind}_mib"].items():
+            b = (mib - first[f"{kind}_mib"].get(name, 0.0)) * 2**20
+            grown[name.rsplit(" ", 1)[0]] = round(b / tokens, 1)
+        return grown
+
+    pss_slope, uss_slope = slope("pss"), slope("uss")
     result = {
         "benchmark": "session host memory",
         "session_tokens": samples[-1]["tokens"],
@@ -145,8 +165,13 @@ def main(argv=None) -> dict:
         "window_tokens": a.window_tokens,
         "max_model_len": max_model_len,
         "kv_blocks": a.kv_blocks,
-        "bytes_per_session_token": round(slope, 1),
-        "bytes_per_session_token_by_process": per_process,
+        # The tree's memory, each page once (PSS); shared = what the processes share (vLLM's message ring).
+        "bytes_per_session_token": pss_slope,
+        "bytes_per_session_token_by_process": per_process("uss"),
+        "bytes_per_session_token_shared": round(pss_slope - uss_slope, 1),
+        # The sum of RSS (the measure of earlier runs): pages mapped by two processes count twice.
+        "rss_sum_bytes_per_session_token": slope("rss"),
+        "rss_bytes_per_session_token_by_process": per_process("rss"),
         "samples": samples,
         **provenance(__file__, argv),
     }

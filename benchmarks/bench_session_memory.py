@@ -2,8 +2,8 @@
 of the front-end process, the engine core and its workers every --sample-every tokens, and the bytes each
 session token costs (the slope after the first sample): of the whole process tree with each page counted
 once (PSS), per process (USS, its own pages) and shared between them, next to the sum of RSS. KV memory
-is flat by construction (S + W tokens); this measures what is not: vLLM's Request keeps every token id (and a block hash per full block) for the
-life of the request, in the engine core and in the front end.
+is flat by construction (S + W tokens); this measures what is not: vLLM's Request keeps every token id (and
+a block hash per full block) for the life of the request, in the engine core and in the front end.
 
     python benchmarks/bench_session_memory.py --tokens 400000 --out session_memory.json      (CPU, tiny model)
 """

@@ -130,6 +130,8 @@ if __name__ == "__main__":
                 # and rope_and_cache with one program per KV head and its query heads
                 row = run_case(*case, dtype, seed=1000 + i, hpp=group & -group, rope_programs=case[4])
                 print(json.dumps(row), flush=True)
+            elif case[4] > 1:  # no GQA: rope_and_cache with one program per head
+                print(json.dumps(run_case(*case, dtype, seed=1000 + i, rope_programs=case[4])), flush=True)
     for dtype in dtypes:
         print(json.dumps(run_case(*CASES[0], dtype, seed=999, short=True)), flush=True)
     # band_sink_attention: FA's part over an exact window W' < W (or none), the band and sinks here.

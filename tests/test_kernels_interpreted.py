@@ -24,10 +24,11 @@ def test_triton_kernels_match_torch_in_the_interpreter():
     merge = [r for r in rows if r["kernel"] == "merge"]
     band = [r for r in rows if r["kernel"] == "band"]
     # sink_attention_merge: 4 cases x 2 dtypes, again with a KV head's group of heads per program for the 3
-    # GQA cases, and a batch with no context past W + 1 (merge not launched).
-    assert len(merge) == 8 + 6 + 2, proc.stdout[-2000:]
+    # GQA cases (and with rope_and_cache split per KV head; per head for the case without GQA), and a batch
+    # with no context past W + 1 (merge not launched).
+    assert len(merge) == 8 + 6 + 2 + 2, proc.stdout[-2000:]
     assert {r["heads_per_program"] for r in merge} == {1, 2, 4, 8}
-    assert {r["rope_programs"] for r in merge} == {1, 2}  # all heads in one program; a KV head's per program
+    assert {r["rope_programs"] for r in merge} == {1, 2, 4}
     assert all(r["merged_tokens"] == 0 for r in merge if r["short"])
     # band_sink_attention: the same 4 cases with FA's part over a window W' < W, by dtype and layout, and
     # 3 with no FA part.

@@ -80,6 +80,9 @@ def _rope_and_cache_kernel(
     tl.store(
         qs_ptr + t * qs_st + h[:, None] * qs_sh + d[None, :], q_sink.to(qs_ptr.dtype.element_ty), mask=qm
     )
+    # q is rotated in place and an element's rotation reads its partner, which another warp may hold (e.g.
+    # one head per program: a [1, D] tile spread over every warp): every load before any in-place store.
+    tl.debug_barrier()
     tl.store(q_ptr + q_off + d[None, :], q_win.to(q_ptr.dtype.element_ty), mask=qm)
     # Keys rotated at the true index, values as they are, into the cache.
     if slot >= 0:

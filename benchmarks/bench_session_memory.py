@@ -37,18 +37,23 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def tree_rss_mib() -> dict[str, float]:
-    """Resident memory (MiB) of this process and of each descendant, keyed by name and pid."""
+def _tree(measure) -> dict:
+    """measure(process) for this process and each live descendant, keyed by name and pid."""
     import psutil
 
     me = psutil.Process()
-    rss = {f"front-end {me.pid}": me.memory_info().rss / 2**20}
+    out = {f"front-end {me.pid}": measure(me)}
     for child in me.children(recursive=True):
         try:
-            rss[f"{child.name()} {child.pid}"] = child.memory_info().rss / 2**20
+            out[f"{child.name()} {child.pid}"] = measure(child)
         except psutil.NoSuchProcess:
             pass
-    return rss
+    return out
+
+
+def tree_rss_mib() -> dict[str, float]:
+    """Resident memory (MiB) of this process and of each descendant, keyed by name and pid."""
+    return _tree(lambda p: p.memory_info().rss / 2**20)
 
 
 def tree_memory_mib() -> dict[str, dict[str, float]]:
@@ -56,20 +61,12 @@ def tree_memory_mib() -> dict[str, dict[str, float]]:
     split among the processes that map them, so the tree's pss sums count each page once) and uss (pages
     of that process alone). The engine core and a CPU worker share vLLM's shared-memory message ring
     (/dev/shm), which a sum of RSS counts twice."""
-    import psutil
 
     def one(p) -> dict[str, float]:
         info = p.memory_full_info()
         return {"rss": info.rss / 2**20, "pss": info.pss / 2**20, "uss": info.uss / 2**20}
 
-    me = psutil.Process()
-    mem = {f"front-end {me.pid}": one(me)}
-    for child in me.children(recursive=True):
-        try:
-            mem[f"{child.name()} {child.pid}"] = one(child)
-        except psutil.NoSuchProcess:
-            pass
-    return mem
+    return _tree(one)
 
 
 async def grow(a: argparse.Namespace, engine) -> list[dict]:

@@ -67,6 +67,14 @@ def run_case(
     scale = head_size**-0.5
     cw, sw = rope.cos_sin(positions, torch.float32)
     cs, ss = rope.cos_sin(positions.clamp(max=S + W), torch.float32)
+    # The kernels' tables: cos/sin at the positions and of the shift to the sink position, in one launch.
+    tables = torch.zeros(4, n + 3, half)
+    two_pi = torch.tensor([2 * math.pi], dtype=torch.float64)
+    ops_cuda.rotary_tables(positions, omega / (2 * math.pi), rope.mscale, two_pi, S + W, tables)
+    cd, sd = rope.shift_cos_sin(positions.clamp(max=S + W) - positions, torch.float32)
+    table_err = max((x - y).abs().max().item() for x, y in zip(tables[:, :n], (cw, sw, cd, sd), strict=True))
+    assert tables[:, n:].abs().max().item() == 0, "rotary_tables wrote past n"
+    cd, sd = tables[2, :n], tables[3, :n]
 
     kv_ref = kv.float().clone()
     ops_torch.write_kv(kv_ref, apply_rotary(k.float(), cw, sw, rotary_dim, neox), v.float(), slots)
@@ -77,15 +85,15 @@ def run_case(
     )  # fmt: skip
 
     q_k = q.clone()
-    q_sink = torch.empty_like(q_k)
     kc, vc = kv.unbind(0)
-    ops_cuda.rope_and_cache(q_k, k, v, q_sink, kc, vc, slots, cw, sw, cs, ss, rotary_dim, neox, rope_programs)
+    ops_cuda.rope_and_cache(q_k, k, v, kc, vc, slots, cw, sw, rotary_dim, neox, rope_programs)
     if band_fa_window is None:
         out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, W, scale)
         out = out_w.to(dtype)
         ops_cuda.sink_attention_merge(
-            q_sink, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale, max(seq_lens), hpp
-        )
+            q_k, cd, sd, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale, rotary_dim, neox,
+            max(seq_lens), hpp,
+        )  # fmt: skip
     else:
         lse = None
         out = torch.full((n, heads, head_size), float("nan"), dtype=dtype)
@@ -94,16 +102,16 @@ def run_case(
             out = out_w.to(dtype)
         tile_req, tile_start = ops_cuda.band_tiles(qsl, ops_cuda.BAND_TILING.tokens_per_tile(hpp))
         ops_cuda.band_sink_attention(
-            q_k, q_sink, kc, vc, out, lse, positions, block_table, torch.tensor(qsl, dtype=torch.int32),
+            q_k, cd, sd, kc, vc, out, lse, positions, block_table, torch.tensor(qsl, dtype=torch.int32),
             torch.tensor(tile_req, dtype=torch.int32), torch.tensor(tile_start, dtype=torch.int32),
-            S, W, band_fa_window, scale, hpp,
+            S, W, band_fa_window, scale, rotary_dim, neox, hpp,
         )  # fmt: skip
     return {
         "kernel": "merge" if band_fa_window is None else "band", "fa_window": band_fa_window,
         "S": S, "W": W, "head_size": head_size, "heads": heads, "kv_heads": kv_heads, "dtype": str(dtype),
         "heads_per_program": hpp, "rope_programs": rope_programs, "short": short,
         "tokens": n, "merged_tokens": int(((positions - W).clamp(min=0) > 0).sum()) if S else 0,
-        "cache_err": (kv.float() - kv_ref).abs().max().item(),
+        "cache_err": (kv.float() - kv_ref).abs().max().item(), "table_err": table_err,
         "rel_err": ((out.float() - out_ref).norm() / out_ref.norm()).item(),
     }  # fmt: skip
 
@@ -120,7 +128,30 @@ CASES = [
 # it is below W (127 needs W >= 127), otherwise an arbitrary W' < W: the kernel is exact for any.
 BAND_FA_WINDOWS = [31, 15, 20, 39]
 
+
+def tables_far() -> dict:
+    """rotary_tables at positions up to 10**7 (angles reduced in float64) with mscale != 1, against the
+    float64 PyTorch path (rope.RotaryParams)."""
+    from vllm_sinks import ops_cuda
+    from vllm_sinks.rope import RotaryParams
+
+    rd, half, cache = 128, 64, 4096
+    omega = 1.0 / (500000.0 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+    mscale = torch.linspace(0.9, 1.3, half, dtype=torch.float64)
+    rope = RotaryParams(head_size=rd, rotary_dim=rd, is_neox_style=True, omega=omega, mscale=mscale)
+    positions = torch.tensor([0, 1, 4095, 4096, 4097, 123_457, 1_000_003, 4_000_000, 10_000_019])
+    out = torch.zeros(4, len(positions), half)
+    ops_cuda.rotary_tables(
+        positions, omega / (2 * math.pi), mscale, torch.tensor([2 * math.pi], dtype=torch.float64), cache, out
+    )
+    want = (*rope.cos_sin(positions, torch.float32),
+            *rope.shift_cos_sin(positions.clamp(max=cache) - positions, torch.float32))  # fmt: skip
+    err = max((x - y).abs().max().item() for x, y in zip(out, want, strict=True))
+    return {"kernel": "tables", "positions": positions.tolist(), "table_err": err}
+
+
 if __name__ == "__main__":
+    print(json.dumps(tables_far()), flush=True)
     dtypes = [getattr(torch, d) for d in (sys.argv[1:] or ["float32", "float16"])]
     for i, case in enumerate(CASES):
         group = case[3] // case[4]

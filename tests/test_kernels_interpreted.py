@@ -1,7 +1,7 @@
-"""The CUDA path's Triton kernels (rope_and_cache, sink_attention_merge) checked on the CPU in every CI run,
-through Triton's interpreter, against the float32 PyTorch oracle. The GPU version of this test
-(test_gpu_kernels.py) adds FlashAttention and the compiled kernels; this one catches indexing, masking,
-GQA-grouping and merge errors without a GPU."""
+"""The CUDA path's Triton kernels (rotary_tables, rope_and_cache, sink_attention_merge, band_sink_attention)
+checked on the CPU in every CI run, through Triton's interpreter, against the float32 PyTorch oracle. The
+GPU version of this test (test_gpu_kernels.py) adds FlashAttention and the compiled kernels; this one
+catches indexing, masking, GQA-grouping, rotation and merge errors without a GPU."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def test_triton_kernels_match_torch_in_the_interpreter():
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     merge = [r for r in rows if r["kernel"] == "merge"]
     band = [r for r in rows if r["kernel"] == "band"]
+    tables = [r for r in rows if r["kernel"] == "tables"]
+    # rotary_tables: far positions (to 10**7) with mscale != 1, as the float64 PyTorch path to float32
+    # rounding; and every case's own tables below.
+    assert len(tables) == 1 and tables[0]["table_err"] < 5e-7, tables
+    rows = merge + band
     # sink_attention_merge: 4 cases x 2 dtypes, again with a KV head's group of heads per program for the 3
     # GQA cases (and with rope_and_cache split per KV head; per head for the case without GQA), and a batch
     # with no context past W + 1 (merge not launched).
@@ -38,6 +43,7 @@ def test_triton_kernels_match_torch_in_the_interpreter():
         print(row)
         fp32 = row["dtype"] == "torch.float32"
         assert row["cache_err"] < (1e-5 if fp32 else 5e-3), row
+        assert row["table_err"] < 5e-7, row
         assert row["rel_err"] < (1e-5 if fp32 else 2e-3), row
     # The sink merge was exercised: some tokens lie past S + W with S > 0.
     assert sum(r["merged_tokens"] for r in rows if r["S"] > 0) > 20

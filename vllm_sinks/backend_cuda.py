@@ -30,10 +30,10 @@ class SinksCudaMetadata:
     num_actual_tokens: int
     positions: torch.Tensor  # [n] int64, true stream index
     req_indices: torch.Tensor  # [n] int32
-    cos_win: torch.Tensor  # [n, rotary_dim // 2] float32, at positions
+    cos_win: torch.Tensor  # [n, rotary_dim // 2] float32, at positions (scaled by the rope's mscale)
     sin_win: torch.Tensor
-    cos_sink: torch.Tensor  # at min(positions, S + W)
-    sin_sink: torch.Tensor
+    cos_shift: torch.Tensor  # of the shift min(positions, S + W) - positions (a pure rotation)
+    sin_shift: torch.Tensor
     # The step's left window for FA3: W (decode-only steps) or exact_fa_window(W); -1: FA is not called.
     fa_window: int
     # band_sink_attention's tiles (request, first token) when fa_window < W, else None.
@@ -72,8 +72,10 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         max_tokens = max(max_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
         half = (self.rope.rotary_dim // 2) if self.rope is not None else 1
-        self._omega = self.rope.omega.to(device) if self.rope is not None else None
-        self._mscale = self.rope.mscale.to(device, torch.float32) if self.rope is not None else None
+        if self.rope is not None:
+            self._turns = (self.rope.omega / TWO_PI).to(device, torch.float64)
+            self._mscale = self.rope.mscale.to(device, torch.float64)
+        self._two_pi = torch.tensor([TWO_PI], dtype=torch.float64, device=device)
         self._cos_sin = torch.zeros(4, max_tokens, half, dtype=torch.float32, device=device)
         self._req_indices = torch.zeros(max_tokens, dtype=torch.int32, device=device)
         self._tiles = torch.zeros(2, max_tokens, dtype=torch.int32, device=device)
@@ -91,7 +93,9 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
         positions = cm.positions[:n]
         if self.rope is None:
             raise RuntimeError("SINKS: no rotary embedding bound to this KV-cache group")
-        self._fill_cos_sin(positions, n)
+        ops_cuda.rotary_tables(
+            positions, self._turns, self._mscale, self._two_pi, self.sinks.cache_tokens, self._cos_sin
+        )
         cos_sin = self._cos_sin[:, :n]
         return SinksCudaMetadata(
             fa=fa,
@@ -100,8 +104,8 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
             req_indices=cm.token_to_req_indices(self._req_indices),
             cos_win=cos_sin[0],
             sin_win=cos_sin[1],
-            cos_sink=cos_sin[2],
-            sin_sink=cos_sin[3],
+            cos_shift=cos_sin[2],
+            sin_shift=cos_sin[3],
             fa_window=fa_window,
             band_tiles=self._band_tiles(cm) if fa_window < W else None,
             band_heads_per_program=self.band_heads_per_program,
@@ -119,18 +123,6 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
         host = torch.tensor([reqs, starts], dtype=torch.int32, pin_memory=True)
         self._tiles[:, :num].copy_(host, non_blocking=True)
         return self._tiles[0, :num], self._tiles[1, :num]
-
-    def _fill_cos_sin(self, positions: torch.Tensor, n: int) -> None:
-        """cos/sin at positions and at min(positions, S + W); angles in float64 modulo 2*pi."""
-        pos = positions.to(torch.float64)
-        both = torch.stack((pos, pos.clamp(max=float(self.sinks.cache_tokens))))  # [2, n]
-        angle = torch.remainder(both[..., None] * self._omega, TWO_PI)  # [2, n, half]
-        cos = angle.cos().to(torch.float32) * self._mscale
-        sin = angle.sin().to(torch.float32) * self._mscale
-        self._cos_sin[0, :n] = cos[0]
-        self._cos_sin[1, :n] = sin[0]
-        self._cos_sin[2, :n] = cos[1]
-        self._cos_sin[3, :n] = sin[1]
 
 
 def _same_rope(a: RotaryParams, b: RotaryParams) -> bool:

@@ -19,7 +19,9 @@ The serving load (benchmarks/gpu/serve_load.sh) is prefill-bound, and SINKS' int
 --band-sweep CTX times band_sink_attention alone at context CTX over launch shapes (ops_cuda.BandTiling: rows
 per program, keys per step, num_warps, num_stages; then heads per program for the fastest three) and adds
 them, fastest first, as "band_sweep" (a shape Triton cannot launch, e.g. out of shared memory, is skipped);
---band-grid picks the shapes (default: the 2026-11-24 sweep's).
+--band-grid picks the shapes (default: the 2026-11-24 sweep's). --prev-ops FILE times sinks_attn, the band
+and rope_cache again with the kernels of another ops_cuda.py, side by side in the same run (prev_*; then
+again_* for this code once more).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--band-sweep", type=int, default=None, metavar="CTX")
     p.add_argument("--band-grid", default="64,128/32,64,128/4,8/1,2,3", metavar="ROWS/KEYS/WARPS/STAGES",
                    help="--band-sweep shapes: lists of rows, keys, num_warps, num_stages")  # fmt: skip
+    p.add_argument("--prev-ops", default=None, help="an earlier ops_cuda.py to time side by side")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from bench_kernel import _timed
@@ -105,6 +108,7 @@ def _band_sweep(ctx: int, a, timed) -> list[dict]:
 
 
 def _bench(ctx: int, a, timed, band_only: bool = False):
+    from bench_kernel import OpsCalls, _load_module
     from vllm import _custom_ops
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
 
@@ -152,9 +156,11 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
         tiles[hpp] = (torch.tensor(reqs, dtype=torch.int32, device=dev),
                       torch.tensor(starts, dtype=torch.int32, device=dev))  # fmt: skip
 
-    def band(lse, hpp):
+    cur = OpsCalls(ops_cuda, q, qs, cos, sin, D)
+
+    def band(lse, hpp, calls=cur):
         tr, ts = tiles[hpp]
-        ops_cuda.band_sink_attention(q, qs, kc, vc, out, lse, pos, bt, cu, tr, ts, S, W, wx, D**-0.5, hpp)
+        calls.band(kc, vc, out, lse, pos, bt, cu, tr, ts, S, W, wx, D**-0.5, hpp)
 
     if band_only:
         _, lse_band = fa([wx, 0], True)
@@ -166,23 +172,23 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
                 reqs, starts = ops_cuda.band_tiles(qsl, key[1])
                 swept[key] = (torch.tensor(reqs, dtype=torch.int32, device=dev),
                               torch.tensor(starts, dtype=torch.int32, device=dev))  # fmt: skip
-            ops_cuda.band_sink_attention(q, qs, kc, vc, out, lse_band, pos, bt, cu, *swept[key], S, W, wx,
-                                         D**-0.5, hpp, tiling)  # fmt: skip
+            cur.band(kc, vc, out, lse_band, pos, bt, cu, *swept[key], S, W, wx, D**-0.5, hpp, tiling)
 
         return band_tiled, hpp_default, set(tiles)
 
-    def sinks_attn():
+    def sinks_attn(calls=cur):
         _, lse = fa([wx, 0], True)
         if ctx - 1 > wx:
-            band(lse, hpp_default)
+            band(lse, hpp_default, calls)
 
     def sinks_attn_inexact():
         _, lse = fa([W, 0], True)
-        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, ctx)
+        cur.merge(kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, ctx)
 
     _, lse_exact = fa([wx, 0], True)
     _, lse_fixed = fa([W, 0], True)
     scale = torch.ones((), dtype=torch.float32, device=dev)
+    merge_args = (kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)
     row = {
         "context": ctx,
         "tokens": n,
@@ -192,23 +198,22 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
         "sinks_attn_ms": timed(sinks_attn),
         "sinks_attn_inexact_ms": timed(sinks_attn_inexact),
         **{f"band_hpp{h}_ms": timed(lambda h=h: band(lse_exact, h)) for h in tiles},
-        "merge_only_ms": timed(
-            lambda: ops_cuda.sink_attention_merge(
-                qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5, None, 1
-            )
-        ),
-        "merge_grouped_ms": timed(
-            lambda: ops_cuda.sink_attention_merge(
-                qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5, None, (H // HK) & -(H // HK)
-            )
-        ),
-        "rope_cache_ms": timed(
-            lambda: ops_cuda.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
-        ),
+        "merge_only_ms": timed(lambda: cur.merge(*merge_args, None, 1)),
+        "merge_grouped_ms": timed(lambda: cur.merge(*merge_args, None, (H // HK) & -(H // HK))),
+        "rope_cache_ms": timed(lambda: cur.rope_and_cache(k, v, kc, vc, slots)),
         "stock_cache_ms": timed(
             lambda: _custom_ops.reshape_and_cache_flash(k, v, kc, vc, slots, "auto", scale, scale)
         ),
     }
+    if a.prev_ops:
+        prev = OpsCalls(_load_module(a.prev_ops), q, qs, cos, sin, D)
+        row["prev_sinks_attn_ms"] = timed(lambda: sinks_attn(prev))
+        row[f"prev_band_hpp{hpp_default}_ms"] = timed(lambda: band(lse_exact, hpp_default, prev))
+        row["prev_rope_cache_ms"] = timed(lambda: prev.rope_and_cache(k, v, kc, vc, slots))
+        row["again_sliding_fa_ms"] = timed(lambda: fa([W, 0], False))
+        row["again_sinks_attn_ms"] = timed(sinks_attn)
+        row[f"again_band_hpp{hpp_default}_ms"] = timed(lambda: band(lse_exact, hpp_default))
+        row["again_rope_cache_ms"] = timed(lambda: cur.rope_and_cache(k, v, kc, vc, slots))
     row["band_default_hpp"] = hpp_default
     for key in [x for x in row if x.endswith("_ms")]:
         row[key] = round(row[key], 4)

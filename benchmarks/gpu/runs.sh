@@ -13,6 +13,8 @@
 #   band_sweep2    the same over smaller shapes (rows 32/64, keys 16/32, 2/4 warps)
 #   decode_sweep [PREV_OPS]  bench_kernel.py --merge-sweep (decode merge: heads per program x num_warps;
 #                  rope_and_cache: programs per token), side by side with PREV_OPS (an earlier ops_cuda.py)
+#   ab_prev PREV_OPS  prefill_ab.py and bench_kernel.py (32k, 256k) with --prev-ops PREV_OPS (an earlier
+#                  ops_cuda.py): the prefill and decode kernels of both, side by side on one host
 #   band_check [TILING]  the GPU kernel test and prefill_ab.py with VLLM_SINKS_BAND_TILING=TILING (default:
 #                  OUT/band_best.txt)
 #   paused         paused chats, 32 and 64 chats x 65,536-token histories (S=4, W=4092)
@@ -94,6 +96,15 @@ PY
       > "$OUT/kernel_decode_sweep.log" 2>&1
     grep -E '^\{"context' "$OUT/kernel_decode_sweep.log" | cut -c1-1500
     tail -3 "$OUT/kernel_decode_sweep.log" | grep -i error
+    ;;
+  ab_prev)
+    python3 benchmarks/gpu/prefill_ab.py --prev-ops "$3" --out "$OUT/prefill_ab_prev.json" > "$OUT/prefill_ab_prev.log" 2>&1
+    grep -E '^\{"context' "$OUT/prefill_ab_prev.log"
+    tail -3 "$OUT/prefill_ab_prev.log" | grep -i error
+    python3 benchmarks/bench_kernel.py --contexts 32768,262144 --prev-ops "$3" --out "$OUT/kernel_decode_prev.json" \
+      > "$OUT/kernel_decode_prev.log" 2>&1
+    grep -E '^\{"context' "$OUT/kernel_decode_prev.log" | cut -c1-1800
+    tail -3 "$OUT/kernel_decode_prev.log" | grep -i error
     ;;
   band_check)
     TILING=${3:-$(cat "$OUT/band_best.txt")}

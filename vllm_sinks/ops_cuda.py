@@ -421,7 +421,8 @@ def _band_sink_kernel(
     tile_start_ptr, q_st, q_sh, cos_st, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh,
     lse_st, bt_sr, scale, S, W, WL, HAS_FA: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, HALF: tl.constexpr,
-    NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr,
+    NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, DC: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     """Program (tile, g): tokens [start, start + BM) of one request x query heads [g * HPP, (g + 1) * HPP)
     of one KV head; rows are (token, head) pairs. Attends each row's band [t - W, t - WL - 1] (with FA) or
@@ -455,30 +456,41 @@ def _band_sink_kernel(
     acc = tl.zeros([BM * HPP, BD], tl.float32)
     qmask = row_ok[:, None] & dmask[None, :]
     q_off = tok[:, None] * q_st + hh[:, None] * q_sh
-    q = tl.load(q_ptr + q_off + d[None, :], mask=qmask, other=0.0)
-    # Sinks, scored with the window query rotated by each row's shift min(t, S + W) - t.
+    # Sinks, scored with the window query rotated by each row's shift min(t, S + W) - t, DC head dims at a
+    # time (a whole [rows, D] float32 rotation at once would not fit in registers).
     n_sink = tl.minimum(pos_last - W, S)
     if n_sink > 0:
-        partner, fi = _rope_index(d, RD, HALF, NEOX)
-        qp = tl.load(q_ptr + q_off + partner[None, :], mask=qmask, other=0.0)
-        cd = tl.load(cd_ptr + tok[:, None] * cos_st + fi[None, :], mask=qmask, other=1.0)
-        sd = tl.load(sd_ptr + tok[:, None] * cos_st + fi[None, :], mask=qmask, other=0.0)
-        q_s = _rotate_2d(q.to(tl.float32), qp.to(tl.float32), cd, sd, d[None, :], RD, HALF, NEOX)
         j = tl.arange(0, BS)
-        k, v = _load_kv(kc_ptr, vc_ptr, bt_ptr + r * bt_sr, j, j < n_sink, hk, d, dmask,
-                        kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, BLOCK_SIZE)  # fmt: skip
-        if IEEE:
-            sc = tl.dot(q_s, tl.trans(k), input_precision="ieee") * scale
-        else:
-            q_hi = q_s.to(k.dtype)
-            q_lo = (q_s - q_hi.to(tl.float32)).to(k.dtype)
-            kt = tl.trans(k)
-            sc = (tl.dot(q_hi, kt) + tl.dot(q_lo, kt)) * scale
+        jmask = j < n_sink
+        blk = tl.load(bt_ptr + r * bt_sr + j // BLOCK_SIZE, mask=jmask, other=0).to(tl.int64)
+        off = j % BLOCK_SIZE
+        sc = tl.zeros([BM * HPP, BS], tl.float32)
+        for c in tl.static_range(0, BD, DC):
+            dc = c + tl.arange(0, DC)
+            partner, fi = _rope_index(dc, RD, HALF, NEOX)
+            mc = row_ok[:, None] & (dc < D)[None, :]
+            qc = tl.load(q_ptr + q_off + dc[None, :], mask=mc, other=0.0).to(tl.float32)
+            qp = tl.load(q_ptr + q_off + partner[None, :], mask=mc, other=0.0).to(tl.float32)
+            cd = tl.load(cd_ptr + tok[:, None] * cos_st + fi[None, :], mask=mc, other=1.0)
+            sd = tl.load(sd_ptr + tok[:, None] * cos_st + fi[None, :], mask=mc, other=0.0)
+            q_s = _rotate_2d(qc, qp, cd, sd, dc[None, :], RD, HALF, NEOX)
+            k_off = blk[:, None] * kc_sb + off[:, None] * kc_so + hk * kc_sh + dc[None, :]
+            k = tl.load(kc_ptr + k_off, mask=jmask[:, None] & (dc < D)[None, :], other=0.0)
+            if IEEE:
+                sc += tl.dot(q_s, tl.trans(k), input_precision="ieee")
+            else:
+                q_hi = q_s.to(k.dtype)
+                q_lo = (q_s - q_hi.to(tl.float32)).to(k.dtype)
+                kt = tl.trans(k)
+                sc += tl.dot(q_hi, kt) + tl.dot(q_lo, kt)
+        v_off = blk[:, None] * vc_sb + off[:, None] * vc_so + hk * vc_sh + d[None, :]
+        v = tl.load(vc_ptr + v_off, mask=jmask[:, None] & dmask[None, :], other=0.0)
         ok = row_ok[:, None] & (j[None, :] < tl.minimum(pos - W, S)[:, None])
-        sc = tl.where(ok, sc, float("-inf"))
+        sc = tl.where(ok, sc * scale, float("-inf"))
         m_i, l_i, acc = _online_update(m_i, l_i, acc, sc, v, IEEE)
     # The band (the whole window without FA), scored with the window-rotated queries.
     if k_hi >= k_lo:
+        q = tl.load(q_ptr + q_off + d[None, :], mask=qmask, other=0.0)
         for kb in range(k_lo, k_hi + 1, BN):
             kidx = kb + tl.arange(0, BN)
             k, v = _load_kv(kc_ptr, vc_ptr, bt_ptr + r * bt_sr, kidx, kidx <= k_hi, hk, d, dmask,
@@ -554,5 +566,6 @@ def band_sink_attention(
         BM=tiling.tokens_per_tile(hpp), BN=tiling.keys, D=head_size, RD=rotary_dim, HALF=rotary_dim // 2,
         NEOX=is_neox_style, BLOCK_SIZE=key_cache.shape[1],
         BS=max(16, triton.next_power_of_2(sink_tokens)), BD=triton.next_power_of_2(head_size),
-        IEEE=q.dtype == torch.float32, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        DC=min(32, triton.next_power_of_2(head_size)), IEEE=q.dtype == torch.float32,
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )  # fmt: skip

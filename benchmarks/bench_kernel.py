@@ -7,7 +7,8 @@ timings over a CUDA graph of the step) and GB/s, plus the host's device-to-devic
   attention  = FA3 window with LSE + sink_attention_merge (what stock's FA call alone stands for);
   sinks      = rope_and_cache + attention (the whole SINKS step, rotation and cache write included; stock does
                those in two more kernels outside its attention call);
-and each of the two Triton kernels alone.
+and each of the two Triton kernels alone; and the metadata builder's per-step rotary tables (rotary_tables,
+one launch, vs the torch ops it replaced).
     python benchmarks/bench_kernel.py --out benchmarks/results/kernel_h100.json
 --merge-sweep adds, per context, `attention` over the merge's launch shapes (query heads per program x
 num_warps) and `sinks` over rope_and_cache's programs per token. --prev-ops FILE times `attention` and `sinks`
@@ -21,7 +22,6 @@ import argparse
 import datetime
 import functools
 import importlib.util
-import inspect
 import json
 import math
 import sys
@@ -87,43 +87,9 @@ def _load_module(path: str):
     return module
 
 
-class OpsCalls:
-    """The kernels of one ops_cuda module with the arguments of this benchmark, for the current API and for
-    the one of b5be91b and earlier (a second copy of the queries, q_sink, written by rope_and_cache with
-    its own cos/sin tables and read by the merge and band kernels). cos/sin serve every table."""
-
-    def __init__(self, ops, q, qs, cos, sin, rotary_dim: int, neox: bool = True):
-        self.ops, self.q, self.qs, self.cos, self.sin = ops, q, qs, cos, sin
-        self.rd, self.neox = rotary_dim, neox
-        self.old = "q_sink" in inspect.signature(ops.rope_and_cache).parameters
-
-    def rope_and_cache(self, k, v, kc, vc, slots, programs=None):
-        extra = () if programs is None else (programs,)
-        if self.old:
-            args = (self.qs, kc, vc, slots, self.cos, self.sin, self.cos, self.sin, self.rd, self.neox)
-            return self.ops.rope_and_cache(self.q, k, v, *args, *extra)
-        args = (kc, vc, slots, self.cos, self.sin, self.rd, self.neox)
-        return self.ops.rope_and_cache(self.q, k, v, *args, *extra)
-
-    def merge(self, kc, vc, out, lse, pos, req, bt, S, W, scale, max_seq_len=None, hpp=None, **kw):
-        if self.old:
-            return self.ops.sink_attention_merge(self.qs, kc, vc, out, lse, pos, req, bt, S, W, scale,
-                                                 max_seq_len, hpp, **kw)  # fmt: skip
-        return self.ops.sink_attention_merge(self.q, self.cos, self.sin, kc, vc, out, lse, pos, req, bt, S, W,
-                                             scale, self.rd, self.neox, max_seq_len, hpp, **kw)  # fmt: skip
-
-    def band(self, kc, vc, out, lse, pos, bt, cu, tile_req, tile_start, S, W, fa_window, scale, hpp, *tiling):
-        if self.old:
-            return self.ops.band_sink_attention(self.q, self.qs, kc, vc, out, lse, pos, bt, cu, tile_req,
-                                                tile_start, S, W, fa_window, scale, hpp, *tiling)  # fmt: skip
-        return self.ops.band_sink_attention(self.q, self.cos, self.sin, kc, vc, out, lse, pos, bt, cu,
-                                            tile_req, tile_start, S, W, fa_window, scale, self.rd, self.neox,
-                                            hpp, *tiling)  # fmt: skip
-
-
 def _torch_tables(positions, omega, mscale, cache_tokens, out):
-    """The metadata builder's cos/sin tables as it computed them until 2026-11-25 (about 15 small torch
-    kernels), for rotary_tables to be timed against."""
+    """The metadata builder's cos/sin tables as it computed them until 2026-11-25 (op by op, about 15 small
+    torch kernels), for ops_cuda.rotary_tables to be timed against."""
     n = positions.shape[0]
     pos = positions.to(torch.float64)
     both = torch.stack((pos, pos.clamp(max=float(cache_tokens))))
@@ -188,38 +154,41 @@ def _bench_context(ctx: int, a, fa_version: int, copy_gbs: float) -> dict:
             return_softmax_lse=lse, fa_version=fa_version,
         )  # fmt: skip
 
-    cur = OpsCalls(ops_cuda, q, qs, cos, sin, D)
-
-    def sinks_step(rope_programs=None, calls=cur):
-        calls.rope_and_cache(k, v, kc, vc, slots, rope_programs)
+    def sinks_step(rope_programs=None, ops=ops_cuda):
+        if ops is ops_cuda:
+            ops.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True, rope_programs)
+        else:
+            ops.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
         _, lse = fa(True)
-        calls.merge(kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
+        ops.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5)
 
-    def attention(hpp=None, num_warps=None, calls=cur):
+    def attention(hpp=None, num_warps=None, ops=ops_cuda):
         """Window + sinks + merge: the attention proper, without rotation and cache write."""
         _, lse = fa(True)
         extra = {} if num_warps is None else {"num_warps": num_warps}
-        calls.merge(kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, None, hpp, **extra)
-
-    # The metadata builder's per-step tables (not part of a layer: once per step).
-    half = D // 2
-    omega = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float64, device=dev) / D))
-    mscale64 = torch.ones(half, dtype=torch.float64, device=dev)
-    tables = torch.zeros(4, n, half, dtype=torch.float32, device=dev)
-    two_pi = torch.tensor([2 * math.pi], dtype=torch.float64, device=dev)
+        ops.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, None, hpp, **extra)
 
     _, lse_fixed = fa(True)
+    # The metadata builder's per-step tables (once per step, not per layer).
+    omega = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float64, device=dev) / D))
+    mscale = torch.ones(D // 2, dtype=torch.float64, device=dev)
+    tables = torch.zeros(4, n, D // 2, dtype=torch.float32, device=dev)
+    two_pi = torch.tensor([2 * math.pi], dtype=torch.float64, device=dev)
     window_bytes = n * (W + 1) * HK * D * 2 * 2
     row = {
         "context": ctx, "batch": n, "window": W, "sinks": S, "window_kv_bytes": window_bytes,
         "fa_window_ms": _timed(lambda: fa(False)), "fa_window_lse_ms": _timed(lambda: fa(True)),
         "attention_ms": _timed(attention), "sinks_ms": _timed(sinks_step),
-        "rope_and_cache_only_ms": _timed(lambda: cur.rope_and_cache(k, v, kc, vc, slots)),
-        "merge_only_ms": _timed(lambda: cur.merge(kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)),
-        "rotary_tables_ms": _timed(
-            lambda: ops_cuda.rotary_tables(pos, omega / (2 * math.pi), mscale64, two_pi, S + W, tables)
+        "rope_and_cache_only_ms": _timed(
+            lambda: ops_cuda.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
         ),
-        "rotary_tables_torch_ms": _timed(lambda: _torch_tables(pos, omega, mscale64.float(), S + W, tables)),
+        "merge_only_ms": _timed(
+            lambda: ops_cuda.sink_attention_merge(qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)
+        ),
+        "rotary_tables_ms": _timed(
+            lambda: ops_cuda.rotary_tables(pos, omega / (2 * math.pi), mscale, two_pi, S + W, tables)
+        ),
+        "rotary_tables_torch_ms": _timed(lambda: _torch_tables(pos, omega, mscale.float(), S + W, tables)),
     }  # fmt: skip
     if a.merge_sweep:
         row["merge_sweep"] = []
@@ -234,15 +203,9 @@ def _bench_context(ctx: int, a, fa_version: int, copy_gbs: float) -> dict:
             ms = _timed(functools.partial(sinks_step, pp))
             row["rope_sweep"].append({"programs_per_token": pp, "sinks_ms": round(ms, 4)})
     if a.prev_ops:
-        prev = OpsCalls(_load_module(a.prev_ops), q, qs, cos, sin, D)
-        row["prev_attention_ms"] = round(_timed(lambda: attention(calls=prev)), 4)
-        row["prev_sinks_ms"] = round(_timed(lambda: sinks_step(calls=prev)), 4)
-        row["prev_rope_and_cache_only_ms"] = round(
-            _timed(lambda: prev.rope_and_cache(k, v, kc, vc, slots)), 4
-        )
-        row["prev_merge_only_ms"] = round(
-            _timed(lambda: prev.merge(kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)), 4
-        )
+        prev = _load_module(a.prev_ops)
+        row["prev_attention_ms"] = round(_timed(lambda: attention(ops=prev)), 4)
+        row["prev_sinks_ms"] = round(_timed(lambda: sinks_step(ops=prev)), 4)
         row["again_attention_ms"] = round(_timed(attention), 4)  # this code again, after the earlier one
         row["again_sinks_ms"] = round(_timed(sinks_step), 4)
     for key in ("fa_window_ms", "fa_window_lse_ms", "attention_ms", "sinks_ms"):

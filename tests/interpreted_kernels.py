@@ -67,14 +67,12 @@ def run_case(
     scale = head_size**-0.5
     cw, sw = rope.cos_sin(positions, torch.float32)
     cs, ss = rope.cos_sin(positions.clamp(max=S + W), torch.float32)
-    # The kernels' tables: cos/sin at the positions and of the shift to the sink position, in one launch.
+    # The metadata builder's tables (rotary_tables, one launch) against the float64 PyTorch path.
     tables = torch.zeros(4, n + 3, half)
     two_pi = torch.tensor([2 * math.pi], dtype=torch.float64)
     ops_cuda.rotary_tables(positions, omega / (2 * math.pi), rope.mscale, two_pi, S + W, tables)
-    cd, sd = rope.shift_cos_sin(positions.clamp(max=S + W) - positions, torch.float32)
-    table_err = max((x - y).abs().max().item() for x, y in zip(tables[:, :n], (cw, sw, cd, sd), strict=True))
+    table_err = max((x - y).abs().max().item() for x, y in zip(tables[:, :n], (cw, sw, cs, ss), strict=True))
     assert tables[:, n:].abs().max().item() == 0, "rotary_tables wrote past n"
-    cd, sd = tables[2, :n], tables[3, :n]
 
     kv_ref = kv.float().clone()
     ops_torch.write_kv(kv_ref, apply_rotary(k.float(), cw, sw, rotary_dim, neox), v.float(), slots)
@@ -85,15 +83,15 @@ def run_case(
     )  # fmt: skip
 
     q_k = q.clone()
+    q_sink = torch.empty_like(q_k)
     kc, vc = kv.unbind(0)
-    ops_cuda.rope_and_cache(q_k, k, v, kc, vc, slots, cw, sw, rotary_dim, neox, rope_programs)
+    ops_cuda.rope_and_cache(q_k, k, v, q_sink, kc, vc, slots, cw, sw, cs, ss, rotary_dim, neox, rope_programs)
     if band_fa_window is None:
         out_w, lse = window_attention(q_k, kv, block_table, qsl, seq_lens, W, scale)
         out = out_w.to(dtype)
         ops_cuda.sink_attention_merge(
-            q_k, cd, sd, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale, rotary_dim, neox,
-            max(seq_lens), hpp,
-        )  # fmt: skip
+            q_sink, kc, vc, out, lse, positions, req_idx, block_table, S, W, scale, max(seq_lens), hpp
+        )
     else:
         lse = None
         out = torch.full((n, heads, head_size), float("nan"), dtype=dtype)
@@ -102,9 +100,9 @@ def run_case(
             out = out_w.to(dtype)
         tile_req, tile_start = ops_cuda.band_tiles(qsl, ops_cuda.BAND_TILING.tokens_per_tile(hpp))
         ops_cuda.band_sink_attention(
-            q_k, cd, sd, kc, vc, out, lse, positions, block_table, torch.tensor(qsl, dtype=torch.int32),
+            q_k, q_sink, kc, vc, out, lse, positions, block_table, torch.tensor(qsl, dtype=torch.int32),
             torch.tensor(tile_req, dtype=torch.int32), torch.tensor(tile_start, dtype=torch.int32),
-            S, W, band_fa_window, scale, rotary_dim, neox, hpp,
+            S, W, band_fa_window, scale, hpp,
         )  # fmt: skip
     return {
         "kernel": "merge" if band_fa_window is None else "band", "fa_window": band_fa_window,
@@ -141,11 +139,9 @@ def tables_far() -> dict:
     rope = RotaryParams(head_size=rd, rotary_dim=rd, is_neox_style=True, omega=omega, mscale=mscale)
     positions = torch.tensor([0, 1, 4095, 4096, 4097, 123_457, 1_000_003, 4_000_000, 10_000_019])
     out = torch.zeros(4, len(positions), half)
-    ops_cuda.rotary_tables(
-        positions, omega / (2 * math.pi), mscale, torch.tensor([2 * math.pi], dtype=torch.float64), cache, out
-    )
-    want = (*rope.cos_sin(positions, torch.float32),
-            *rope.shift_cos_sin(positions.clamp(max=cache) - positions, torch.float32))  # fmt: skip
+    two_pi = torch.tensor([2 * math.pi], dtype=torch.float64)
+    ops_cuda.rotary_tables(positions, omega / (2 * math.pi), mscale, two_pi, cache, out)
+    want = (*rope.cos_sin(positions, torch.float32), *rope.cos_sin(positions.clamp(max=cache), torch.float32))
     err = max((x - y).abs().max().item() for x, y in zip(out, want, strict=True))
     return {"kernel": "tables", "positions": positions.tolist(), "table_err": err}
 

@@ -87,7 +87,6 @@ def make_case(
     scale = head_size**-0.5
     cw, sw = rope.cos_sin(positions, torch.float32)
     cs, ss = rope.cos_sin(positions.clamp(max=S + W), torch.float32)
-    cd, sd = rope.shift_cos_sin(positions.clamp(max=S + W) - positions, torch.float32)
     kv_ref = kv.float().clone()
     ops_torch.write_kv(kv_ref, apply_rotary(k.float(), cw, sw, rotary_dim, neox), v.float(), slots)
     q_win = apply_rotary(q.float(), cw, sw, rotary_dim, neox)
@@ -99,7 +98,7 @@ def make_case(
     return dict(
         dtype=dtype, S=S, W=W, head_size=head_size, heads=heads, rotary_dim=rotary_dim, neox=neox, n=n, q=q,
         k=k, v=v, kv=kv, block_table=block_table, qsl=qsl, q_lens=q_lens, seq_lens=seq_lens,
-        positions=positions, req_idx=req_idx, slots=slots, scale=scale, cw=cw, sw=sw, cd=cd, sd=sd,
+        positions=positions, req_idx=req_idx, slots=slots, scale=scale, cw=cw, sw=sw, cs=cs, ss=ss,
         kv_ref=kv_ref, out_ref=out_ref, q_win_ref=q_win, q_sink_ref=q_sink,
     )  # fmt: skip
 
@@ -110,11 +109,12 @@ def rope_and_cache_on_device(c: dict, programs_per_token: int | None = None) -> 
 
     dev = "cuda"
     d = dict(q=c["q"].to(dev), kv=c["kv"].to(dev), bt=c["block_table"].to(dev))
-    d["cd"], d["sd"] = c["cd"].to(dev), c["sd"].to(dev)
+    d["q_sink"] = torch.empty_like(d["q"])
     d["kc"], d["vc"] = d["kv"].unbind(0)
     ops_cuda.rope_and_cache(
-        d["q"], c["k"].to(dev), c["v"].to(dev), d["kc"], d["vc"], c["slots"].to(dev), c["cw"].to(dev),
-        c["sw"].to(dev), c["rotary_dim"], c["neox"], programs_per_token,
+        d["q"], c["k"].to(dev), c["v"].to(dev), d["q_sink"], d["kc"], d["vc"], c["slots"].to(dev),
+        c["cw"].to(dev), c["sw"].to(dev), c["cs"].to(dev), c["ss"].to(dev), c["rotary_dim"], c["neox"],
+        programs_per_token,
     )  # fmt: skip
     return d
 
@@ -152,27 +152,22 @@ def cuda_path(c: dict, heads_per_program: int | None = None, rope_programs: int 
     positions = c["positions"].to("cuda")
     if window == W:
         ops_cuda.sink_attention_merge(
-            d["q"], d["cd"], d["sd"], d["kc"], d["vc"], out, lse, positions, c["req_idx"].to("cuda"), d["bt"],
-            S, W, c["scale"], c["rotary_dim"], c["neox"], max(c["seq_lens"]), heads_per_program,
+            d["q_sink"], d["kc"], d["vc"], out, lse, positions, c["req_idx"].to("cuda"), d["bt"], S, W,
+            c["scale"], max(c["seq_lens"]), heads_per_program,
         )  # fmt: skip
     else:
         hpp = heads_per_program or min(group & -group, 8)
         reqs, starts = ops_cuda.band_tiles(c["qsl"], ops_cuda.BAND_TILING.tokens_per_tile(hpp))
         ops_cuda.band_sink_attention(
-            d["q"], d["cd"], d["sd"], d["kc"], d["vc"], out, lse, positions, d["bt"],
+            d["q"], d["q_sink"], d["kc"], d["vc"], out, lse, positions, d["bt"],
             torch.tensor(c["qsl"], dtype=torch.int32, device="cuda"),
             torch.tensor(reqs, dtype=torch.int32, device="cuda"),
-            torch.tensor(starts, dtype=torch.int32, device="cuda"), S, W, window, c["scale"], c["rotary_dim"],
-            c["neox"], hpp,
+            torch.tensor(starts, dtype=torch.int32, device="cuda"), S, W, window, c["scale"], hpp,
         )  # fmt: skip
     torch.cuda.synchronize()
-    from vllm_sinks.rope import apply_rotary
-
-    q_win = d["q"].float().cpu()
     return dict(
         out=out.float().cpu(), fa_window=window, fa_out=fa_out, fa_lse=fa_lse, kv_dev=d["kv"].float().cpu(),
-        # The sink queries the kernels score: the window queries rotated by the shift, in float32.
-        q_win=q_win, q_sink=apply_rotary(q_win, c["cd"], c["sd"], c["rotary_dim"], c["neox"]),
+        q_win=d["q"].float().cpu(), q_sink=d["q_sink"].float().cpu(),
     )  # fmt: skip
 
 
@@ -205,7 +200,7 @@ def test_kernels_match_torch(dtype, S, W, head_size, heads, kv_heads, rotary_dim
     cache_err = (r["kv_dev"] - c["kv_ref"]).abs().max().item()
     assert cache_err < (0.02 if dtype == torch.bfloat16 else 0.003), cache_err
     # So do the rotated queries (rotated in place: a race between warps shows here, not in the check below,
-    # which scores the kernel's own queries); the sink queries are the window queries rotated by the shift.
+    # which scores the kernel's own queries).
     for name in ("q_win", "q_sink"):
         q_err = (r[name] - c[f"{name}_ref"]).abs().max().item()
         assert q_err < (0.05 if dtype == torch.bfloat16 else 0.006), (name, q_err)

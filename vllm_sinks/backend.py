@@ -251,10 +251,11 @@ class SinksAttentionImpl(AttentionImpl[SinksMetadata]):
         assert self.rope is not None
         fa = md.fa
         key_cache, value_cache = kv_cache.unbind(0)
-        rd, neox = self.rope.rotary_dim, self.rope.is_neox_style
+        q_sink = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         ops_cuda.rope_and_cache(
-            q, k, v, key_cache, value_cache, fa.slot_mapping[: q.shape[0]], md.cos_win, md.sin_win, rd, neox
-        )
+            q, k, v, q_sink, key_cache, value_cache, fa.slot_mapping[: q.shape[0]],
+            md.cos_win, md.sin_win, md.cos_sink, md.sin_sink, self.rope.rotary_dim, self.rope.is_neox_style,
+        )  # fmt: skip
         S, W = self.sinks.sink_tokens, self.sinks.window_tokens
         lse = None
         if md.fa_window >= 0:
@@ -278,12 +279,11 @@ class SinksAttentionImpl(AttentionImpl[SinksMetadata]):
             )
         if md.band_tiles is None:  # FA's window is W: add the sinks
             ops_cuda.sink_attention_merge(
-                q, md.cos_shift, md.sin_shift, key_cache, value_cache, out, lse, md.positions, md.req_indices,
-                fa.block_table, S, W, self.scale, rd, neox, fa.max_seq_len,
+                q_sink, key_cache, value_cache, out, lse, md.positions, md.req_indices, fa.block_table,
+                S, W, self.scale, fa.max_seq_len,
             )  # fmt: skip
         elif md.fa_window < 0 or fa.max_seq_len - 1 > md.fa_window:  # else FA's window holds every key
             ops_cuda.band_sink_attention(
-                q, md.cos_shift, md.sin_shift, key_cache, value_cache, out, lse, md.positions, fa.block_table,
-                fa.query_start_loc, *md.band_tiles, S, W, md.fa_window, self.scale, rd, neox,
-                md.band_heads_per_program,
+                q, q_sink, key_cache, value_cache, out, lse, md.positions, fa.block_table, fa.query_start_loc,
+                *md.band_tiles, S, W, md.fa_window, self.scale, md.band_heads_per_program,
             )  # fmt: skip

@@ -32,8 +32,8 @@ class SinksCudaMetadata:
     req_indices: torch.Tensor  # [n] int32
     cos_win: torch.Tensor  # [n, rotary_dim // 2] float32, at positions (scaled by the rope's mscale)
     sin_win: torch.Tensor
-    cos_shift: torch.Tensor  # of the shift min(positions, S + W) - positions (a pure rotation)
-    sin_shift: torch.Tensor
+    cos_sink: torch.Tensor  # at min(positions, S + W)
+    sin_sink: torch.Tensor
     # The step's left window for FA3: W (decode-only steps) or exact_fa_window(W); -1: FA is not called.
     fa_window: int
     # band_sink_attention's tiles (request, first token) when fa_window < W, else None.
@@ -104,8 +104,8 @@ class SinksCudaMetadataBuilder(FlashAttentionMetadataBuilder):
             req_indices=cm.token_to_req_indices(self._req_indices),
             cos_win=cos_sin[0],
             sin_win=cos_sin[1],
-            cos_shift=cos_sin[2],
-            sin_shift=cos_sin[3],
+            cos_sink=cos_sin[2],
+            sin_sink=cos_sin[3],
             fa_window=fa_window,
             band_tiles=self._band_tiles(cm) if fa_window < W else None,
             band_heads_per_program=self.band_heads_per_program,

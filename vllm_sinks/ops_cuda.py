@@ -1,7 +1,8 @@
 """CUDA kernels of SINKS (Triton), kept apart from the bookkeeping in backend_cuda.py.
 
-Per step the metadata builder fills the rotary tables (rotary_tables); per layer SINKS launches three kernels:
-  rope_and_cache       rotate q (for the window, in place) and k, write k and v to the paged cache;
+Per step the metadata builder fills the rotary tables in one launch (rotary_tables). Per layer and step
+SINKS launches three kernels:
+  rope_and_cache       rotate q (window and sink variants) and k, write k and v to the paged cache;
   FlashAttention       the window of each query, with its log-sum-exp (vLLM's FA3);
   a merge kernel       what FlashAttention left out, merged into its output by log-sum-exp:
     decode-only steps:   FA3's window is [t - W, t]; sink_attention_merge adds the sinks [0, min(S, t - W));
@@ -13,8 +14,6 @@ start, so in a prefill chunk the first rows of a query tile can see keys past th
 on an H100 (benchmarks/gpu/fa_window_diag.py): exact iff (W + 1) mod kBlockN = 0 and the query tile
 (kBlockM / GQA group tokens) spans at most kBlockN + 1 tokens (head size 256 without GQA: never exact).
 Decode rows (one token per request) are never affected.
-The sink part scores the window query rotated once more, by min(t, S + W) - t positions (cos_shift /
-sin_shift), in float32: no second copy of the queries is written or read.
 The kernels take device tensors only; the decode-step ones can be captured in CUDA graphs.
 """
 
@@ -32,19 +31,6 @@ import triton.language as tl
 # head and its query heads, the merge one query head per program in one warp. Steps of at least this many
 # tokens: rope_and_cache one program per token, the merge a KV head's query heads per program in 4 warps.
 GROUPED_MIN_TOKENS = 512
-
-
-@triton.jit
-def _rope_index(d, RD: tl.constexpr, HALF: tl.constexpr, NEOX: tl.constexpr):
-    """For head dims d: the partner dim of each rotated pair and the frequency index (d itself and 0 past
-    the rotary dims)."""
-    if NEOX:
-        partner = tl.where(d < HALF, d + HALF, d - HALF)
-        fi = d % HALF
-    else:
-        partner = d ^ 1
-        fi = d // 2
-    return tl.where(d < RD, partner, d), tl.where(d < RD, fi, 0)
 
 
 @triton.jit
@@ -69,29 +55,28 @@ def _rotary_tables_kernel(
     fm = f < HALF
     m2 = tm[:, None] & fm[None, :]
     pos = tl.load(pos_ptr + t, mask=tm, other=0)
-    shift = tl.minimum(pos, cache_tokens) - pos
     turns = tl.load(turns_ptr + f, mask=fm, other=0.0)  # float64, omega / (2 pi)
-    mscale = tl.load(mscale_ptr + f, mask=fm, other=0.0)  # float64
+    mscale = tl.load(mscale_ptr + f, mask=fm, other=0.0)[None, :]  # float64
     two_pi = tl.load(two_pi_ptr)  # float64 (a Python float constant would be float32 in Triton)
     a = pos.to(tl.float64)[:, None] * turns[None, :]
     a = (a - tl.floor(a)) * two_pi
-    b = shift.to(tl.float64)[:, None] * turns[None, :]
+    b = tl.minimum(pos, cache_tokens).to(tl.float64)[:, None] * turns[None, :]
     b = (b - tl.floor(b)) * two_pi
     o = out_ptr + t[:, None] * out_st + f[None, :]
-    tl.store(o, (tl.cos(a) * mscale[None, :]).to(tl.float32), mask=m2)
-    tl.store(o + out_sp, (tl.sin(a) * mscale[None, :]).to(tl.float32), mask=m2)
-    tl.store(o + 2 * out_sp, tl.cos(b).to(tl.float32), mask=m2)
-    tl.store(o + 3 * out_sp, tl.sin(b).to(tl.float32), mask=m2)
+    tl.store(o, (tl.cos(a) * mscale).to(tl.float32), mask=m2)
+    tl.store(o + out_sp, (tl.sin(a) * mscale).to(tl.float32), mask=m2)
+    tl.store(o + 2 * out_sp, (tl.cos(b) * mscale).to(tl.float32), mask=m2)
+    tl.store(o + 3 * out_sp, (tl.sin(b) * mscale).to(tl.float32), mask=m2)
 
 
 def rotary_tables(
     positions: torch.Tensor, turns: torch.Tensor, mscale: torch.Tensor, two_pi: torch.Tensor,
     cache_tokens: int, out: torch.Tensor,
 ) -> None:  # fmt: skip
-    """Fills out[:, :n] ([4, >= n, half] float32) for `positions` ([n] int64): cos and sin (scaled by
-    mscale) at the positions, then cos and sin (not scaled) of the shift min(t, cache_tokens) - t. `turns`
-    = omega / (2 pi), `mscale` ([half] each) and `two_pi` ([1]) are float64; one launch, so a step's tables
-    cost one kernel, not a dozen small ones."""
+    """Fills out[:, :n] ([4, >= n, half] float32) for `positions` ([n] int64): cos and sin at the positions,
+    then at min(positions, cache_tokens) (the sink queries' position), scaled by mscale. `turns` = omega /
+    (2 pi) and `mscale` ([half] each) and `two_pi` ([1]) are float64. One launch: a step's tables cost one
+    kernel, not the ~15 small torch kernels of computing them op by op."""
     n = positions.shape[0]
     if n == 0:
         return
@@ -105,8 +90,10 @@ def rotary_tables(
 
 @triton.jit
 def _rope_and_cache_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, cw_ptr, sw_ptr,
-    q_st, q_sh, k_st, k_sh, v_st, v_sh, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, cos_st,
+    q_ptr, k_ptr, v_ptr, qs_ptr, kc_ptr, vc_ptr, slot_ptr,
+    cw_ptr, sw_ptr, cs_ptr, ss_ptr,
+    q_st, q_sh, k_st, k_sh, v_st, v_sh, qs_st, qs_sh,
+    kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, cos_st,
     QH: tl.constexpr, KH: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, HALF: tl.constexpr,
     NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr, BH: tl.constexpr, BHK: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
@@ -114,18 +101,31 @@ def _rope_and_cache_kernel(
     t = tl.program_id(0)
     g = tl.program_id(1)
     d = tl.arange(0, BD)
-    partner, fi = _rope_index(d, RD, HALF, NEOX)
+    if NEOX:
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        fi = d % HALF
+    else:
+        partner = d ^ 1
+        fi = d // 2
+    partner = tl.where(d < RD, partner, d)
+    fi = tl.where(d < RD, fi, 0)
     dmask = d < D
     cw = tl.load(cw_ptr + t * cos_st + fi, mask=dmask, other=1.0)
     sw = tl.load(sw_ptr + t * cos_st + fi, mask=dmask, other=0.0)
+    cs = tl.load(cs_ptr + t * cos_st + fi, mask=dmask, other=1.0)
+    ss = tl.load(ss_ptr + t * cos_st + fi, mask=dmask, other=0.0)
     slot = tl.load(slot_ptr + t)
-    # Queries: the window rotation, in place.
+    # Queries: window rotation in place, sink rotation to qs.
     h = g * QH + tl.arange(0, BH)
     qm = (tl.arange(0, BH)[:, None] < QH) & dmask[None, :]
     q_off = t * q_st + h[:, None] * q_sh
     q = tl.load(q_ptr + q_off + d[None, :], mask=qm, other=0.0).to(tl.float32)
     qp = tl.load(q_ptr + q_off + partner[None, :], mask=qm, other=0.0).to(tl.float32)
     q_win = _rotate_2d(q, qp, cw[None, :], sw[None, :], d[None, :], RD, HALF, NEOX)
+    q_sink = _rotate_2d(q, qp, cs[None, :], ss[None, :], d[None, :], RD, HALF, NEOX)
+    tl.store(
+        qs_ptr + t * qs_st + h[:, None] * qs_sh + d[None, :], q_sink.to(qs_ptr.dtype.element_ty), mask=qm
+    )
     # q is rotated in place and an element's rotation reads its partner, which another warp may hold (e.g.
     # one head per program: a [1, D] tile spread over every warp): every load before any in-place store.
     tl.debug_barrier()
@@ -151,20 +151,22 @@ def rope_and_cache(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    q_sink: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     cos_win: torch.Tensor,
     sin_win: torch.Tensor,
+    cos_sink: torch.Tensor,
+    sin_sink: torch.Tensor,
     rotary_dim: int,
     is_neox_style: bool,
     programs_per_token: int | None = None,
 ) -> None:
-    """query [n, H, D] is rotated in place at its positions (cos_win / sin_win [n, rotary_dim // 2]);
-    key/value [n, HK, D] go to key_cache/value_cache [blocks, B, HK, D] at slot_mapping (< 0: skipped), the
-    keys rotated likewise. `programs_per_token` splits a token's heads over that many programs, each a share
-    of the query and KV heads (a divisor of HK; None: one per KV head for decode-sized steps, one for larger
-    ones)."""
+    """query [n, H, D] is rotated in place (window); q_sink [n, H, D] receives the sink rotation;
+    key/value [n, HK, D] go to key_cache/value_cache [blocks, B, HK, D] at slot_mapping (< 0: skipped).
+    `programs_per_token` splits a token's heads over that many programs, each a share of the query and KV
+    heads (a divisor of HK; None: one per KV head for decode-sized steps, one for larger ones)."""
     n, num_heads, head_size = query.shape
     num_kv_heads = key.shape[1]
     if n == 0:
@@ -176,8 +178,10 @@ def rope_and_cache(
         raise ValueError(f"programs_per_token={p}: use a divisor of the KV heads ({num_kv_heads})")
     qh, kh = num_heads // p, num_kv_heads // p
     _rope_and_cache_kernel[(n, p)](
-        query, key, value, key_cache, value_cache, slot_mapping, cos_win, sin_win,
+        query, key, value, q_sink, key_cache, value_cache, slot_mapping,
+        cos_win, sin_win, cos_sink, sin_sink,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        q_sink.stride(0), q_sink.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), cos_win.stride(0),
         QH=qh, KH=kh, D=head_size, RD=rotary_dim, HALF=rotary_dim // 2, NEOX=is_neox_style,
@@ -198,15 +202,14 @@ def merge_heads_per_program(num_tokens: int, group: int) -> int:
 # likewise S and W (one binary for every configuration).
 @triton.jit(do_not_specialize=["lse_sh", "S", "W"])
 def _sink_merge_kernel(
-    q_ptr, cd_ptr, sd_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, pos_ptr, req_ptr, bt_ptr,
-    q_st, q_sh, cos_st, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh, lse_st, bt_sr,
-    scale, S, W, GROUP: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr, RD: tl.constexpr,
-    HALF: tl.constexpr, NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    qs_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, pos_ptr, req_ptr, bt_ptr,
+    qs_st, qs_sh, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh, lse_st, bt_sr,
+    scale, S, W, GROUP: tl.constexpr, HPP: tl.constexpr, D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """Program (t, g): token t, query heads [g * HPP, (g + 1) * HPP); they share a KV head (HPP | GROUP).
-    The sink query is the window query rotated by the token's shift, in float32. Loads that do not depend
-    on one another are issued together (position, request, query and its rotation, FA's row and LSE), so a
-    decode step's merge waits on three memory round trips, not five."""
+    Loads that do not depend on one another are issued together (position, request, query, FA's row and
+    LSE), so a decode step's merge waits on three memory round trips, not five."""
     t = tl.program_id(0)
     h0 = tl.program_id(1) * HPP
     hk = h0 // GROUP
@@ -214,21 +217,14 @@ def _sink_merge_kernel(
     d = tl.arange(0, BD)
     j = tl.arange(0, BS)
     dmask = d < D
-    partner, fi = _rope_index(d, RD, HALF, NEOX)
     pos = tl.load(pos_ptr + t)
     r = tl.load(req_ptr + t)
-    q_off = t * q_st + hh[:, None] * q_sh
-    q = tl.load(q_ptr + q_off + d[None, :], mask=dmask[None, :], other=0.0)
-    qp = tl.load(q_ptr + q_off + partner[None, :], mask=dmask[None, :], other=0.0)
-    cd = tl.load(cd_ptr + t * cos_st + fi, mask=dmask, other=1.0)
-    sd = tl.load(sd_ptr + t * cos_st + fi, mask=dmask, other=0.0)
+    q = tl.load(qs_ptr + t * qs_st + hh[:, None] * qs_sh + d[None, :], mask=dmask[None, :], other=0.0)
     lse_w = tl.load(lse_ptr + hh * lse_sh + t * lse_st)
     od = t * out_st + hh[:, None] * out_sh + d[None, :]
     o_w = tl.load(out_ptr + od, mask=dmask[None, :], other=0.0)
     n_valid = tl.minimum(pos - W, S)
     if n_valid > 0:
-        q_s = _rotate_2d(q.to(tl.float32), qp.to(tl.float32), cd[None, :], sd[None, :], d[None, :], RD, HALF,
-                         NEOX)  # fmt: skip
         jmask = j < n_valid
         blk = tl.load(bt_ptr + r * bt_sr + j // BLOCK_SIZE, mask=jmask, other=0).to(tl.int64)
         off = j % BLOCK_SIZE
@@ -239,7 +235,7 @@ def _sink_merge_kernel(
         v = tl.load(
             vc_ptr + blk[:, None] * vc_sb + off[:, None] * vc_so + hk * vc_sh + d[None, :], mask=m2, other=0.0
         ).to(tl.float32)
-        scores = tl.sum(q_s[:, None, :] * k[None, :, :], axis=2) * scale  # [HPP, BS]
+        scores = tl.sum(q.to(tl.float32)[:, None, :] * k[None, :, :], axis=2) * scale  # [HPP, BS]
         scores = tl.where(jmask[None, :], scores, float("-inf"))
         m_s = tl.max(scores, axis=1)
         p = tl.exp(scores - m_s[:, None])
@@ -254,9 +250,7 @@ def _sink_merge_kernel(
 
 
 def sink_attention_merge(
-    q: torch.Tensor,
-    cos_shift: torch.Tensor,
-    sin_shift: torch.Tensor,
+    q_sink: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     out: torch.Tensor,
@@ -267,25 +261,22 @@ def sink_attention_merge(
     sink_tokens: int,
     window_tokens: int,
     scale: float,
-    rotary_dim: int,
-    is_neox_style: bool,
     max_seq_len: int | None = None,
     heads_per_program: int | None = None,
     num_warps: int | None = None,
 ) -> None:
     """Adds the sink part to `out` ([n, H, D], the window attention) in place, using the window's
-    log-sum-exp `window_lse` ([H, n], FlashAttention's layout). `q` [n, H, D]: the window-rotated queries;
-    each is rotated again by cos_shift / sin_shift ([n, rotary_dim // 2]) for the sinks. Tokens with no sink
-    outside their window are left as they are. `max_seq_len` (host int, the step's longest context): when
-    no token can reach past its window, nothing is launched, except while a CUDA graph is captured (the
-    graph is replayed with longer contexts). `heads_per_program`: query heads of one KV head per program, a
-    power of two dividing H / HK; more means fewer programs and one load of each sink key (None:
-    merge_heads_per_program); `num_warps`: Triton's per program (None: 1 for decode-sized steps, else 4)."""
-    n, num_heads, head_size = q.shape
+    log-sum-exp `window_lse` ([H, n], FlashAttention's layout). Tokens with no sink outside their window
+    are left as they are. `max_seq_len` (host int, the step's longest context): when no token can reach
+    past its window, nothing is launched, except while a CUDA graph is captured (the graph is replayed with
+    longer contexts). `heads_per_program`: query heads of one KV head per program, a power of two dividing
+    H / HK; more means fewer programs and one load of each sink key (None: merge_heads_per_program);
+    `num_warps`: Triton's per program (None: 1 for decode-sized steps, else 4)."""
+    n, num_heads, head_size = q_sink.shape
     if n == 0 or sink_tokens == 0:
         return
     no_sink_reached = max_seq_len is not None and max_seq_len - 1 <= window_tokens
-    if no_sink_reached and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if no_sink_reached and not (q_sink.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -297,15 +288,14 @@ def sink_attention_merge(
     if num_warps is None:
         num_warps = 1 if n < GROUPED_MIN_TOKENS else 4
     _sink_merge_kernel[(n, num_heads // hpp)](
-        q, cos_shift, sin_shift, key_cache, value_cache, out, window_lse, positions, req_indices, block_table,
-        q.stride(0), q.stride(1), cos_shift.stride(0),
+        q_sink, key_cache, value_cache, out, window_lse, positions, req_indices, block_table,
+        q_sink.stride(0), q_sink.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         out.stride(0), out.stride(1), window_lse.stride(0), window_lse.stride(1), block_table.stride(0),
-        scale, S=sink_tokens, W=window_tokens, GROUP=group, HPP=hpp, D=head_size, RD=rotary_dim,
-        HALF=rotary_dim // 2, NEOX=is_neox_style, BLOCK_SIZE=key_cache.shape[1],
-        BS=max(2, triton.next_power_of_2(sink_tokens)), BD=triton.next_power_of_2(head_size),
-        num_warps=num_warps,
+        scale, S=sink_tokens, W=window_tokens, GROUP=group, HPP=hpp, D=head_size,
+        BLOCK_SIZE=key_cache.shape[1], BS=max(2, triton.next_power_of_2(sink_tokens)),
+        BD=triton.next_power_of_2(head_size), num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -417,18 +407,15 @@ def _load_kv(kc_ptr, vc_ptr, bt_row, kidx, kmask, hk, d, dmask,
 
 @triton.jit(do_not_specialize=["lse_sh", "S", "W", "WL"])
 def _band_sink_kernel(
-    q_ptr, cd_ptr, sd_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, pos_ptr, bt_ptr, qsl_ptr, tile_req_ptr,
-    tile_start_ptr, q_st, q_sh, cos_st, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh,
-    lse_st, bt_sr, scale, S, W, WL, HAS_FA: tl.constexpr, GROUP: tl.constexpr, HPP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, RD: tl.constexpr, HALF: tl.constexpr,
-    NEOX: tl.constexpr, BLOCK_SIZE: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, DC: tl.constexpr,
-    IEEE: tl.constexpr,
+    q_ptr, qs_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr, pos_ptr, bt_ptr, qsl_ptr, tile_req_ptr, tile_start_ptr,
+    q_st, q_sh, qs_st, qs_sh, kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, out_st, out_sh, lse_sh, lse_st, bt_sr,
+    scale, S, W, WL, HAS_FA: tl.constexpr, GROUP: tl.constexpr,
+    HPP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BS: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Program (tile, g): tokens [start, start + BM) of one request x query heads [g * HPP, (g + 1) * HPP)
     of one KV head; rows are (token, head) pairs. Attends each row's band [t - W, t - WL - 1] (with FA) or
-    window [t - W, t] (without) and its sinks [0, min(S, t - W)), then merges with FA's row by LSE. The
-    sinks are scored with the window query rotated by the row's shift in float32 (split in two 16-bit
-    halves for the tensor cores, so it is not rounded to 16 bits a second time)."""
+    window [t - W, t] (without) and its sinks [0, min(S, t - W)), then merges with FA's row by LSE."""
     tile = tl.program_id(0)
     h0 = tl.program_id(1) * HPP
     hk = h0 // GROUP
@@ -455,42 +442,23 @@ def _band_sink_kernel(
     l_i = tl.zeros([BM * HPP], tl.float32)
     acc = tl.zeros([BM * HPP, BD], tl.float32)
     qmask = row_ok[:, None] & dmask[None, :]
-    q_off = tok[:, None] * q_st + hh[:, None] * q_sh
-    # Sinks, scored with the window query rotated by each row's shift min(t, S + W) - t, DC head dims at a
-    # time (a whole [rows, D] float32 rotation at once would not fit in registers).
+    # Sinks, scored with the sink-rotated queries.
     n_sink = tl.minimum(pos_last - W, S)
     if n_sink > 0:
+        qs = tl.load(qs_ptr + tok[:, None] * qs_st + hh[:, None] * qs_sh + d[None, :], mask=qmask, other=0.0)
         j = tl.arange(0, BS)
-        jmask = j < n_sink
-        blk = tl.load(bt_ptr + r * bt_sr + j // BLOCK_SIZE, mask=jmask, other=0).to(tl.int64)
-        off = j % BLOCK_SIZE
-        sc = tl.zeros([BM * HPP, BS], tl.float32)
-        for c in tl.static_range(0, BD, DC):
-            dc = c + tl.arange(0, DC)
-            partner, fi = _rope_index(dc, RD, HALF, NEOX)
-            mc = row_ok[:, None] & (dc < D)[None, :]
-            qc = tl.load(q_ptr + q_off + dc[None, :], mask=mc, other=0.0).to(tl.float32)
-            qp = tl.load(q_ptr + q_off + partner[None, :], mask=mc, other=0.0).to(tl.float32)
-            cd = tl.load(cd_ptr + tok[:, None] * cos_st + fi[None, :], mask=mc, other=1.0)
-            sd = tl.load(sd_ptr + tok[:, None] * cos_st + fi[None, :], mask=mc, other=0.0)
-            q_s = _rotate_2d(qc, qp, cd, sd, dc[None, :], RD, HALF, NEOX)
-            k_off = blk[:, None] * kc_sb + off[:, None] * kc_so + hk * kc_sh + dc[None, :]
-            k = tl.load(kc_ptr + k_off, mask=jmask[:, None] & (dc < D)[None, :], other=0.0)
-            if IEEE:
-                sc += tl.dot(q_s, tl.trans(k), input_precision="ieee")
-            else:
-                q_hi = q_s.to(k.dtype)
-                q_lo = (q_s - q_hi.to(tl.float32)).to(k.dtype)
-                kt = tl.trans(k)
-                sc += tl.dot(q_hi, kt) + tl.dot(q_lo, kt)
-        v_off = blk[:, None] * vc_sb + off[:, None] * vc_so + hk * vc_sh + d[None, :]
-        v = tl.load(vc_ptr + v_off, mask=jmask[:, None] & dmask[None, :], other=0.0)
+        k, v = _load_kv(kc_ptr, vc_ptr, bt_ptr + r * bt_sr, j, j < n_sink, hk, d, dmask,
+                        kc_sb, kc_so, kc_sh, vc_sb, vc_so, vc_sh, BLOCK_SIZE)  # fmt: skip
+        if IEEE:
+            sc = tl.dot(qs, tl.trans(k), input_precision="ieee") * scale
+        else:
+            sc = tl.dot(qs, tl.trans(k)) * scale
         ok = row_ok[:, None] & (j[None, :] < tl.minimum(pos - W, S)[:, None])
-        sc = tl.where(ok, sc * scale, float("-inf"))
+        sc = tl.where(ok, sc, float("-inf"))
         m_i, l_i, acc = _online_update(m_i, l_i, acc, sc, v, IEEE)
     # The band (the whole window without FA), scored with the window-rotated queries.
     if k_hi >= k_lo:
-        q = tl.load(q_ptr + q_off + d[None, :], mask=qmask, other=0.0)
+        q = tl.load(q_ptr + tok[:, None] * q_st + hh[:, None] * q_sh + d[None, :], mask=qmask, other=0.0)
         for kb in range(k_lo, k_hi + 1, BN):
             kidx = kb + tl.arange(0, BN)
             k, v = _load_kv(kc_ptr, vc_ptr, bt_ptr + r * bt_sr, kidx, kidx <= k_hi, hk, d, dmask,
@@ -517,8 +485,7 @@ def _band_sink_kernel(
 
 def band_sink_attention(
     q: torch.Tensor,
-    cos_shift: torch.Tensor,
-    sin_shift: torch.Tensor,
+    q_sink: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     out: torch.Tensor,
@@ -532,17 +499,15 @@ def band_sink_attention(
     window_tokens: int,
     fa_window: int,
     scale: float,
-    rotary_dim: int,
-    is_neox_style: bool,
     heads_per_program: int,
     tiling: BandTiling = BAND_TILING,
 ) -> None:
     """Completes `out` ([n, H, D]) for a step with prefill rows. With FA (`fa_lse` [H, n] given, fa_window
     = W' >= 0) `out` holds FA3's attention over [t - W', t]; this adds the band [t - W, t - W' - 1] and the
-    sinks by LSE. Without (fa_lse None) it computes the whole window and the sinks. q [n, H, D]: the
-    window-rotated queries; for the sinks each is rotated again by cos_shift / sin_shift ([n, rotary_dim //
-    2]). Tiles: band_tiles(query_start_loc, tiling.tokens_per_tile(heads_per_program)) as device int32
-    tensors. Not for CUDA-graph capture (the tiles come from the host)."""
+    sinks by LSE. Without (fa_lse None) it computes the whole window and the sinks. q / q_sink [n, H, D]:
+    the window- and sink-rotated queries. Tiles: band_tiles(query_start_loc,
+    tiling.tokens_per_tile(heads_per_program)) as device int32 tensors. Not for CUDA-graph capture (the
+    tiles come from the host)."""
     n, num_heads, head_size = q.shape
     num_tiles = tile_req.shape[0]
     if n == 0 or num_tiles == 0:
@@ -557,15 +522,14 @@ def band_sink_attention(
     lse = fa_lse if has_fa else out  # unused without FA
     lse_sh, lse_st = (fa_lse.stride(0), fa_lse.stride(1)) if has_fa else (0, 0)
     _band_sink_kernel[(num_tiles, num_heads // hpp)](
-        q, cos_shift, sin_shift, key_cache, value_cache, out, lse, positions, block_table, query_start_loc,
-        tile_req, tile_start, q.stride(0), q.stride(1), cos_shift.stride(0),
+        q, q_sink, key_cache, value_cache, out, lse, positions, block_table, query_start_loc, tile_req,
+        tile_start,
+        q.stride(0), q.stride(1), q_sink.stride(0), q_sink.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         out.stride(0), out.stride(1), lse_sh, lse_st, block_table.stride(0),
         scale, S=sink_tokens, W=window_tokens, WL=max(fa_window, -1), HAS_FA=has_fa, GROUP=group, HPP=hpp,
-        BM=tiling.tokens_per_tile(hpp), BN=tiling.keys, D=head_size, RD=rotary_dim, HALF=rotary_dim // 2,
-        NEOX=is_neox_style, BLOCK_SIZE=key_cache.shape[1],
+        BM=tiling.tokens_per_tile(hpp), BN=tiling.keys, D=head_size, BLOCK_SIZE=key_cache.shape[1],
         BS=max(16, triton.next_power_of_2(sink_tokens)), BD=triton.next_power_of_2(head_size),
-        DC=min(32, triton.next_power_of_2(head_size)), IEEE=q.dtype == torch.float32,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        IEEE=q.dtype == torch.float32, num_warps=tiling.num_warps, num_stages=tiling.num_stages,
     )  # fmt: skip

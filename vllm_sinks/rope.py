@@ -96,14 +96,6 @@ class RotaryParams:
         mscale = self.mscale.to(positions.device)
         return (torch.cos(angle) * mscale).to(dtype), (torch.sin(angle) * mscale).to(dtype)
 
-    def shift_cos_sin(self, shifts: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ([n, rotary_dim // 2], not scaled) of a rotation by `shifts` ([n]) positions: a query
-        rotated at p, rotated again by these, is the query rotated at p + shift (the CUDA path's sink
-        queries: shift min(t, S + W) - t applied to the window query)."""
-        omega = self.omega.to(shifts.device)
-        angle = torch.remainder(shifts.to(torch.float64)[:, None] * omega[None, :], TWO_PI)
-        return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
-
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotates x ([n, heads, head_size]) at `positions` ([n]); returns a new tensor of x's dtype."""
         cos, sin = self.cos_sin(positions, torch.float32)

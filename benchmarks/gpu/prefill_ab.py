@@ -108,7 +108,6 @@ def _band_sweep(ctx: int, a, timed) -> list[dict]:
 
 
 def _bench(ctx: int, a, timed, band_only: bool = False):
-    from bench_kernel import OpsCalls, _load_module
     from vllm import _custom_ops
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
 
@@ -156,11 +155,9 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
         tiles[hpp] = (torch.tensor(reqs, dtype=torch.int32, device=dev),
                       torch.tensor(starts, dtype=torch.int32, device=dev))  # fmt: skip
 
-    cur = OpsCalls(ops_cuda, q, qs, cos, sin, D)
-
-    def band(lse, hpp, calls=cur):
+    def band(lse, hpp, ops=ops_cuda):
         tr, ts = tiles[hpp]
-        calls.band(kc, vc, out, lse, pos, bt, cu, tr, ts, S, W, wx, D**-0.5, hpp)
+        ops.band_sink_attention(q, qs, kc, vc, out, lse, pos, bt, cu, tr, ts, S, W, wx, D**-0.5, hpp)
 
     if band_only:
         _, lse_band = fa([wx, 0], True)
@@ -172,23 +169,26 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
                 reqs, starts = ops_cuda.band_tiles(qsl, key[1])
                 swept[key] = (torch.tensor(reqs, dtype=torch.int32, device=dev),
                               torch.tensor(starts, dtype=torch.int32, device=dev))  # fmt: skip
-            cur.band(kc, vc, out, lse_band, pos, bt, cu, *swept[key], S, W, wx, D**-0.5, hpp, tiling)
+            ops_cuda.band_sink_attention(q, qs, kc, vc, out, lse_band, pos, bt, cu, *swept[key], S, W, wx,
+                                         D**-0.5, hpp, tiling)  # fmt: skip
 
         return band_tiled, hpp_default, set(tiles)
 
-    def sinks_attn(calls=cur):
+    def sinks_attn(ops=ops_cuda):
         _, lse = fa([wx, 0], True)
         if ctx - 1 > wx:
-            band(lse, hpp_default, calls)
+            band(lse, hpp_default, ops)
+
+    def rope_cache(ops=ops_cuda):
+        ops.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
 
     def sinks_attn_inexact():
         _, lse = fa([W, 0], True)
-        cur.merge(kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, ctx)
+        ops_cuda.sink_attention_merge(qs, kc, vc, out, lse, pos, req, bt, S, W, D**-0.5, ctx)
 
     _, lse_exact = fa([wx, 0], True)
     _, lse_fixed = fa([W, 0], True)
     scale = torch.ones((), dtype=torch.float32, device=dev)
-    merge_args = (kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5)
     row = {
         "context": ctx,
         "tokens": n,
@@ -198,22 +198,32 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
         "sinks_attn_ms": timed(sinks_attn),
         "sinks_attn_inexact_ms": timed(sinks_attn_inexact),
         **{f"band_hpp{h}_ms": timed(lambda h=h: band(lse_exact, h)) for h in tiles},
-        "merge_only_ms": timed(lambda: cur.merge(*merge_args, None, 1)),
-        "merge_grouped_ms": timed(lambda: cur.merge(*merge_args, None, (H // HK) & -(H // HK))),
-        "rope_cache_ms": timed(lambda: cur.rope_and_cache(k, v, kc, vc, slots)),
+        "merge_only_ms": timed(
+            lambda: ops_cuda.sink_attention_merge(
+                qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5, None, 1
+            )
+        ),
+        "merge_grouped_ms": timed(
+            lambda: ops_cuda.sink_attention_merge(
+                qs, kc, vc, out, lse_fixed, pos, req, bt, S, W, D**-0.5, None, (H // HK) & -(H // HK)
+            )
+        ),
+        "rope_cache_ms": timed(rope_cache),
         "stock_cache_ms": timed(
             lambda: _custom_ops.reshape_and_cache_flash(k, v, kc, vc, slots, "auto", scale, scale)
         ),
     }
     if a.prev_ops:
-        prev = OpsCalls(_load_module(a.prev_ops), q, qs, cos, sin, D)
+        from bench_kernel import _load_module
+
+        prev = _load_module(a.prev_ops)
         row["prev_sinks_attn_ms"] = timed(lambda: sinks_attn(prev))
         row[f"prev_band_hpp{hpp_default}_ms"] = timed(lambda: band(lse_exact, hpp_default, prev))
-        row["prev_rope_cache_ms"] = timed(lambda: prev.rope_and_cache(k, v, kc, vc, slots))
+        row["prev_rope_cache_ms"] = timed(lambda: rope_cache(prev))
         row["again_sliding_fa_ms"] = timed(lambda: fa([W, 0], False))
         row["again_sinks_attn_ms"] = timed(sinks_attn)
         row[f"again_band_hpp{hpp_default}_ms"] = timed(lambda: band(lse_exact, hpp_default))
-        row["again_rope_cache_ms"] = timed(lambda: cur.rope_and_cache(k, v, kc, vc, slots))
+        row["again_rope_cache_ms"] = timed(rope_cache)
     row["band_default_hpp"] = hpp_default
     for key in [x for x in row if x.endswith("_ms")]:
         row[key] = round(row[key], 4)

@@ -254,3 +254,29 @@ def test_cuda_path_matches_streamingllm(dtype, S, W, head_size, heads, kv_heads,
         for i in torch.nonzero(row_err > 5 * tol).flatten().tolist()
     ]
     assert rel < tol and not bad, f"rel_err {rel:.2e}; rows over {5 * tol:.0e}: {bad[:10]}"
+
+
+@pytest.mark.gpu
+def test_rotary_tables_match_float64():
+    """The metadata builder's tables (ops_cuda.rotary_tables, float64 angles on the GPU) against the float64
+    PyTorch path, at positions up to 10**7 with mscale != 1: float32 rounding apart."""
+    import math
+
+    from vllm_sinks import ops_cuda
+    from vllm_sinks.rope import RotaryParams
+
+    rd, half, cache = 128, 64, 4096
+    omega = 1.0 / (500000.0 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+    mscale = torch.linspace(0.9, 1.3, half, dtype=torch.float64)
+    rope = RotaryParams(head_size=rd, rotary_dim=rd, is_neox_style=True, omega=omega, mscale=mscale)
+    g = torch.Generator().manual_seed(7)
+    fixed = torch.tensor([0, 1, 4095, 4096, 4097, 123_457, 1_000_003, 4_000_000, 10_000_019])
+    positions = torch.cat([fixed, torch.randint(0, 10**7, (1000,), generator=g)])
+    out = torch.zeros(4, len(positions), half, device="cuda")
+    two_pi = torch.tensor([2 * math.pi], dtype=torch.float64, device="cuda")
+    ops_cuda.rotary_tables(
+        positions.cuda(), (omega / (2 * math.pi)).cuda(), mscale.cuda(), two_pi, cache, out
+    )
+    want = (*rope.cos_sin(positions, torch.float32), *rope.cos_sin(positions.clamp(max=cache), torch.float32))
+    err = max((x.cpu() - y).abs().max().item() for x, y in zip(out, want, strict=True))
+    assert err < 5e-7, err

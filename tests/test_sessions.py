@@ -192,8 +192,10 @@ def _session_turns(tracked: bool, turns: int = 40, seed: int = 0):
 
     compat.apply_patches()
     rng = random.Random(seed)
-    scheduler = SimpleNamespace(_vllm_sinks_active=tracked, log_stats=False,
-                                num_waiting_for_streaming_input=0)  # fmt: skip
+    # Block hashes kept by a tracked session: 2 at the head, the last 8 to 16 (small, so that 40 turns
+    # forget most; an engine derives them from S, W and its step size: session_tokens.block_hashes_to_keep).
+    scheduler = SimpleNamespace(_vllm_sinks_active=tracked, log_stats=False)
+    scheduler.num_waiting_for_streaming_input, scheduler._vllm_sinks_hashes_kept = 0, (2, 8)
     request = Request("s", [rng.randrange(257, 50_000) for _ in range(50)], SamplingParams(max_tokens=8),
                       None, block_hasher=get_request_block_hasher(B, sha256), resumable=True)  # fmt: skip
     for _ in range(turns):
@@ -210,14 +212,15 @@ def _session_turns(tracked: bool, turns: int = 40, seed: int = 0):
 
 def test_session_token_ids_are_int32_and_behave_as_vllms_lists():
     """Under SINKS a live session's Request stores its prompt and token ids as int32 TokenIds (one store):
-    through vLLM's own turn updates they stay equal to the stock Request's lists, with the same block hashes
-    and max_tokens; the worker gets int32 views of the prompt, and a view handed out earlier is not changed
-    by later turns."""
+    through vLLM's own turn updates they stay equal to the stock Request's lists, with max_tokens; its block
+    hashes equal the stock ones at the head and near the end, the others read as keys of its own (bounded
+    memory); the worker gets int32 views of the prompt, and a view handed out earlier is not changed by
+    later turns."""
     import numpy as np
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import init_none_hash
 
-    from vllm_sinks.session_tokens import TokenIds, prompt_for_worker
+    from vllm_sinks.session_tokens import SessionBlockHashes, TokenIds, prompt_for_worker
 
     init_none_hash(sha256)  # one root hash for both requests (it is random unless PYTHONHASHSEED is set)
     views = []
@@ -226,7 +229,13 @@ def test_session_token_ids_are_int32_and_behave_as_vllms_lists():
         assert type(stock.prompt_token_ids) is list
         assert tracked.prompt_token_ids == stock.prompt_token_ids
         assert list(tracked.all_token_ids) == list(stock.all_token_ids) == tracked._all_token_ids.copy()
-        assert tracked.block_hashes == stock.block_hashes
+        hashes, want = tracked.block_hashes, stock.block_hashes
+        assert isinstance(hashes, SessionBlockHashes) and len(hashes) == len(want) and hashes.num_kept() <= 18
+        kept = {i for i in range(len(want)) if hashes[i] == want[i]}
+        assert set(range(min(2, len(want)))) | set(range(max(0, len(want) - 8), len(want))) <= kept
+        forgotten = [hashes[i] for i in range(len(want)) if i not in kept]
+        assert all(h.startswith(b"vllm_sinks/forgotten/s/") for h in forgotten)
+        assert len(set(forgotten)) == len(forgotten) and hashes[-1] == want[-1] and hashes[:] == list(hashes)
         assert tracked.num_prompt_tokens == stock.num_prompt_tokens == len(stock.prompt_token_ids)
         assert tracked.max_tokens == update.max_tokens  # the turn's own limit (vllm-project/vllm#37842)
         view = prompt_for_worker(tracked)
@@ -280,3 +289,21 @@ def test_session_view_goes_to_model_runner_v2_only_at_a_turns_start():
     assert not np.shares_memory(mid_reply, store.array)
     stock = list(range(100))
     assert prefill_for_worker(SimpleNamespace(), stock, stock) is stock
+
+
+def test_session_block_hashes_keep_head_and_tail():
+    """SessionBlockHashes reads as the full list of hashes: the head and the recent tail as given, a
+    forgotten index as a key unique to the session and index; its memory stays bounded."""
+    from vllm_sinks.session_tokens import SessionBlockHashes, block_hashes_to_keep
+
+    hashes = [bytes([i % 256]) * 32 for i in range(1000)]
+    kept = SessionBlockHashes(hashes[:3], keep_head=2, keep_tail=10, tag=b"t/")
+    kept.extend(hashes[3:])
+    assert len(kept) == 1000 and kept.num_kept() <= 2 + 20
+    assert kept[:2] == hashes[:2] and kept[-1] == hashes[-1] and kept[990] == hashes[990]
+    assert kept[500] == b"t/" + (500).to_bytes(8, "little") != kept[501]
+    assert kept[-3:] == hashes[-3:] and len(kept[::100]) == 10
+    with pytest.raises(IndexError):
+        kept[1000]
+    # An engine's keep: the sink blocks + 1; the window's blocks, two steps' worth of new blocks and 8.
+    assert block_hashes_to_keep(4, 4092, 8192, 16) == (2, 256 + 1024 + 8)

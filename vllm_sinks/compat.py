@@ -355,6 +355,8 @@ def _patch_session_handoff() -> None:
     vllm.v1.engine.output_processor.OutputProcessor._update_streaming_request_state (front end) appends each
     input's ids to the RequestState's prompt list; under SINKS that list is stored as int32 first
     (session_tokens.compact_front_end). AsyncLLM.__init__ tells its OutputProcessor whether it serves SINKS.
+    Under SINKS the request's block hashes keep only the sink blocks' and the recent ones
+    (session_tokens.forget_old_block_hashes): vLLM's list keeps one per 16 tokens of the whole history.
     VLLM_SINKS_STOCK_SESSION_HANDOFF=1 leaves vLLM's lists and hand-off in place, for A/B benchmarks."""
     from vllm.v1.core.sched.output import NewRequestData
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -372,6 +374,9 @@ def _patch_session_handoff() -> None:
             session.max_tokens = update.max_tokens
             if not stock_handoff:
                 session_tokens.track(session)
+                keep = session_block_hashes_kept(self)
+                if keep is not None:
+                    session_tokens.forget_old_block_hashes(session, *keep)
 
     @functools.wraps(original_from_request)
     def from_request(cls, request, block_ids, prefill_token_ids=None):
@@ -382,6 +387,21 @@ def _patch_session_handoff() -> None:
                 request, prefill_token_ids, data.prompt_token_ids
             )
         return data
+
+    def session_block_hashes_kept(scheduler) -> tuple[int, int] | None:
+        """What a session's SessionBlockHashes keeps, from the scheduler's config (once per scheduler);
+        None where hashes are finer than the scheduler's blocks (vLLM then views them at another size)."""
+        keep = getattr(scheduler, "_vllm_sinks_hashes_kept", False)
+        if keep is False:
+            keep = None
+            if scheduler.hash_block_size == scheduler.block_size:
+                sinks = sinks_config_from_vllm(scheduler.vllm_config)
+                keep = session_tokens.block_hashes_to_keep(
+                    sinks.sink_tokens, sinks.window_tokens,
+                    scheduler.scheduler_config.max_num_batched_tokens, scheduler.hash_block_size,
+                )  # fmt: skip
+            scheduler._vllm_sinks_hashes_kept = keep
+        return keep
 
     Scheduler._update_request_as_session = _update_request_as_session
     NewRequestData.from_request = classmethod(from_request)

@@ -15,6 +15,9 @@ element, O(history) per turn (1.42x turn time from 100k to 1M tokens on CPU; 325
 an H100 host). `prompt_for_worker` / `prefill_for_worker` hand it int32 views instead, which it copies
 (or unpickles) with one memcpy; `write_row` copies one into model runner V2's token table.
 
+A session's block hashes (one per full block) likewise grow with its history; `forget_old_block_hashes`
+keeps those of the sink blocks and of the blocks near the end only (SessionBlockHashes).
+
 Invariants: the prompt's ids are a prefix of all the ids (a write into the part of the store that the other
 TokenIds covers must agree with it, or it raises rather than corrupt the history); ids below the prompt's
 length are never rewritten, so a view of the prompt stays valid while anyone holds it (growth allocates a new
@@ -148,6 +151,86 @@ class TokenIds(Sequence):
 
     def clear(self) -> None:
         self._store.lengths[self._slot] = 0
+
+
+class SessionBlockHashes(Sequence):
+    """A live session's block hashes (vLLM's Request.block_hashes: one per full block of hash_block_size
+    tokens, chained over the whole prefix) keeping only the first `keep_head` (the sink blocks) and the
+    last `keep_tail` to `2 * keep_tail` (the window and the blocks a step can fill); vLLM's own list keeps
+    every one, ~73 bytes per block for the session's whole history.
+
+    Invariant: every index below len() reads as a hash; a forgotten one (between the head and the tail)
+    reads as a key unique to this session and index, which no cache holds, so a prefix-cache lookup there
+    misses (under SINKS those blocks left the window and were freed) and a block cached under it could never
+    be found by another request. vLLM reads only recent indices while the session runs (the hasher's parent,
+    newly full blocks); SINKS' own cache lookup (kv_cache.SinkWindowManager) reads the head and the run of
+    blocks before the end, both kept."""
+
+    __slots__ = ("_head", "_tail", "_offset", "_keep_head", "_keep_tail", "_tag")
+
+    def __init__(self, hashes: Sequence[bytes], keep_head: int, keep_tail: int, tag: bytes) -> None:
+        if keep_tail < 1:
+            raise ValueError("keep_tail must be at least 1")
+        self._head: list[bytes] = []
+        self._tail: list[bytes] = []
+        self._offset = 0  # index of _tail[0]
+        self._keep_head, self._keep_tail, self._tag = keep_head, keep_tail, tag
+        self.extend(hashes)
+
+    def __len__(self) -> int:
+        return self._offset + len(self._tail)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(len(self)))]
+        n = len(self)
+        if not -n <= item < n:
+            raise IndexError("block hash index out of range")
+        i = item % n
+        if i < len(self._head):
+            return self._head[i]
+        if i >= self._offset:
+            return self._tail[i - self._offset]
+        return self._tag + i.to_bytes(8, "little")
+
+    def append(self, block_hash: bytes) -> None:
+        if not self._tail and len(self._head) < self._keep_head:
+            self._head.append(block_hash)
+            self._offset = len(self._head)
+            return
+        self._tail.append(block_hash)
+        if len(self._tail) > 2 * self._keep_tail:
+            drop = len(self._tail) - self._keep_tail
+            del self._tail[:drop]
+            self._offset += drop
+
+    def extend(self, hashes: Iterable[bytes]) -> None:
+        for block_hash in hashes:
+            self.append(block_hash)
+
+    def num_kept(self) -> int:
+        return len(self._head) + len(self._tail)
+
+
+def block_hashes_to_keep(
+    sink_tokens: int, window_tokens: int, max_step_tokens: int, hash_block_size: int
+) -> tuple[int, int]:
+    """(keep_head, keep_tail) of SessionBlockHashes: the sink blocks (+1); the window's blocks, twice the
+    blocks one step can fill (a block may be cached a step after it fills under async scheduling) and 8
+    more. At most 2 * keep_tail + keep_head hashes stay per session, whatever its length."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    head = cdiv(sink_tokens, hash_block_size) + 1
+    tail = cdiv(window_tokens + 1, hash_block_size) + 2 * cdiv(max_step_tokens, hash_block_size) + 8
+    return head, tail
+
+
+def forget_old_block_hashes(request: Any, keep_head: int, keep_tail: int) -> None:
+    """Replaces a tracked session's Request.block_hashes with a SessionBlockHashes (once)."""
+    hashes = request.block_hashes
+    if isinstance(hashes, SessionBlockHashes):
+        return
+    tag = b"vllm_sinks/forgotten/" + str(request.request_id).encode() + b"/"
+    request.block_hashes = SessionBlockHashes(hashes, keep_head, keep_tail, tag)
 
 
 def track(request: Any) -> None:

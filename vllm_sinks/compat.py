@@ -334,6 +334,7 @@ def _patch_scheduler_stats() -> None:
         self._vllm_sinks_active = sinks_active(self.vllm_config)
         if self._vllm_sinks_active:
             log_capacity(self)
+            self._vllm_sinks_hashes_kept = _session_block_hashes_kept(self)
 
     Scheduler.make_stats = make_stats
     Scheduler.__init__ = __init__
@@ -374,7 +375,7 @@ def _patch_session_handoff() -> None:
             session.max_tokens = update.max_tokens
             if not stock_handoff:
                 session_tokens.track(session)
-                keep = session_block_hashes_kept(self)
+                keep = getattr(self, "_vllm_sinks_hashes_kept", None)  # decided in Scheduler.__init__
                 if keep is not None:
                     session_tokens.forget_old_block_hashes(session, *keep)
 
@@ -388,26 +389,27 @@ def _patch_session_handoff() -> None:
             )
         return data
 
-    def session_block_hashes_kept(scheduler) -> tuple[int, int] | None:
-        """What a session's SessionBlockHashes keeps, from the scheduler's config (once per scheduler);
-        None where hashes are finer than the scheduler's blocks (vLLM then views them at another size)."""
-        keep = getattr(scheduler, "_vllm_sinks_hashes_kept", False)
-        if keep is False:
-            keep = None
-            if scheduler.hash_block_size == scheduler.block_size:
-                sinks = sinks_config_from_vllm(scheduler.vllm_config)
-                keep = session_tokens.block_hashes_to_keep(
-                    sinks.sink_tokens, sinks.window_tokens,
-                    scheduler.scheduler_config.max_num_batched_tokens, scheduler.hash_block_size,
-                )  # fmt: skip
-            scheduler._vllm_sinks_hashes_kept = keep
-        return keep
-
     Scheduler._update_request_as_session = _update_request_as_session
     NewRequestData.from_request = classmethod(from_request)
     _patch_v2_request_state()
     if not stock_handoff:
         _patch_front_end_session_state()
+
+
+def _session_block_hashes_kept(scheduler) -> tuple[int, int] | None:
+    """What a live session's block hashes keep (session_tokens.block_hashes_to_keep) under this Scheduler's
+    config; None where hashes are finer than its blocks (vLLM then views them at another size)."""
+    from vllm_sinks import session_tokens
+
+    if scheduler.hash_block_size != scheduler.block_size:
+        return None
+    sinks = sinks_config_from_vllm(scheduler.vllm_config)
+    return session_tokens.block_hashes_to_keep(
+        sinks.sink_tokens,
+        sinks.window_tokens,
+        scheduler.scheduler_config.max_num_batched_tokens,
+        scheduler.hash_block_size,
+    )
 
 
 def _patch_front_end_session_state() -> None:

@@ -218,7 +218,8 @@ def block_hashes_to_keep(
     """(keep_head, keep_tail) of SessionBlockHashes: the sink blocks (+1); the window's blocks, twice the
     blocks one step can fill (a block may be cached a step after it fills under async scheduling) and 8
     more. At most 2 * keep_tail + keep_head hashes stay per session, whatever its length."""
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    from vllm.utils.math_utils import cdiv
+
     head = cdiv(sink_tokens, hash_block_size) + 1
     tail = cdiv(window_tokens + 1, hash_block_size) + 2 * cdiv(max_step_tokens, hash_block_size) + 8
     return head, tail

@@ -5,6 +5,8 @@ writes with one copy (vllm_sinks.compat._patch_v2_request_state):
 
 * RequestState given a view holds exactly those tokens in its table, next to a request staged vLLM's way, and
   again after the session is removed and re-added with a grown view (what each turn does);
+* rows longer than the plugin's fixed pinned staging arrive whole, and torch's pinned host allocator grows
+  by that staging only;
 * a session of many turns on an engine with model runner V2 replies with the same greedy tokens under the
   plugin's hand-off as under vLLM's own (VLLM_SINKS_STOCK_SESSION_HANDOFF=1), on the same weights.
 """
@@ -54,6 +56,35 @@ def test_v2_request_state_takes_a_session_view():
     j = state.req_id_to_index["session"]
     assert np.array_equal(table[j, : len(grown)].cpu().numpy(), grown)
     assert int(state.total_len.gpu[j]) == len(grown) and table[i, :300].cpu().tolist() == plain
+
+
+def test_session_rows_stage_through_bounded_pinned_memory():
+    """A session's token row reaches model runner V2's table through session_tokens.RowStaging: rows longer
+    than its buffers arrive whole, and the pinned memory held by torch's host allocator grows by the
+    staging's two fixed buffers at most, not by a block per power-of-two row size (26 MiB here before)."""
+    from vllm_sinks import compat, session_tokens
+
+    compat.apply_patches()
+    from vllm.v1.worker.gpu.states import RequestState
+
+    state = RequestState(max_num_reqs=2, max_model_len=2_600_000, max_num_batched_tokens=1024,
+                         num_speculative_steps=0, vocab_size=1000, device=torch.device("cuda"))  # fmt: skip
+    torch.cuda.synchronize()
+    before = torch.cuda.host_memory_stats()["allocated_bytes.current"]
+    rng = np.random.default_rng(0)
+    for n in (300_000, 1_200_000, 2_500_000):  # one chunk, two, three (the third waits for the first)
+        row = rng.integers(0, 150_000, n, dtype=np.int32)
+        state.add_request("session", prompt_len=n, all_token_ids=row, num_computed_tokens=n - 200,
+                          max_tokens=8)  # fmt: skip
+        state.apply_staged_writes()
+        torch.cuda.synchronize()
+        j = state.req_id_to_index["session"]
+        assert np.array_equal(state.all_token_ids.gpu[j, :n].cpu().numpy(), row)
+        state.remove_request("session")
+    grown = torch.cuda.host_memory_stats()["allocated_bytes.current"] - before
+    staging = session_tokens._ROW_STAGING
+    assert staging is not None and staging.pinned_bytes() == 2 * staging.chunk * 4
+    assert grown <= staging.pinned_bytes() + 2**20, grown
 
 
 def _session_replies(model: str, stock_handoff: bool) -> tuple[list[list[int]], bool]:

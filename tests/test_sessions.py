@@ -307,3 +307,73 @@ def test_session_block_hashes_keep_head_and_tail():
         kept[1000]
     # An engine's keep: the sink blocks + 1; the window's blocks, two steps' worth of new blocks and 8.
     assert block_hashes_to_keep(4, 4092, 8192, 16) == (2, 256 + 1024 + 8)
+
+
+class _AsyncDevice:
+    """A stand-in for a CUDA stream for RowStaging: a copy runs only when an event recorded after it is
+    synchronized (or at flush), reading its source buffer then, as a real non-blocking copy would."""
+
+    def __init__(self, n: int) -> None:
+        import numpy as np
+
+        self.table = np.zeros(n, dtype=np.int32)
+        self.queued: list[tuple[int, torch.Tensor]] = []
+        self.done = 0
+
+    def run(self, upto: int) -> None:
+        for start, source in self.queued[self.done : upto]:
+            self.table[start : start + len(source)] = source.numpy()
+        self.done = max(self.done, upto)
+
+    def row(self) -> _AsyncRow:
+        return _AsyncRow(self, 0)
+
+
+class _AsyncRow:
+    def __init__(self, device: _AsyncDevice, start: int) -> None:
+        self.device, self.start = device, start
+
+    def __getitem__(self, item: slice) -> _AsyncRow:
+        return _AsyncRow(self.device, self.start + item.start)
+
+    def copy_(self, source: torch.Tensor, non_blocking: bool = False) -> None:
+        assert non_blocking
+        self.device.queued.append((self.start, source))  # a view of the pinned buffer, read when it runs
+
+
+class _AsyncEvent:
+    def __init__(self, device: _AsyncDevice) -> None:
+        self.device, self.mark = device, None
+
+    def record(self) -> None:
+        self.mark = len(self.device.queued)
+
+    def synchronize(self) -> None:
+        if self.mark is not None:
+            self.device.run(self.mark)
+
+
+def test_row_staging_keeps_its_buffers_and_never_overwrites_one_in_flight():
+    """RowStaging (model runner V2's token rows of a live session) copies any row length through a fixed
+    set of buffers: every id lands where it belongs although copies run late, and the buffers stay the same
+    (number and size) however long the rows grow."""
+    import numpy as np
+
+    from vllm_sinks.session_tokens import RowStaging
+
+    device = _AsyncDevice(1000)
+    staging = RowStaging(
+        chunk=16,
+        num_buffers=2,
+        new_buffer=lambda n: torch.empty(n, dtype=torch.int32),
+        new_event=lambda: _AsyncEvent(device),
+    )
+    rng = np.random.default_rng(0)
+    for length in (5, 16, 40, 333, 1000):  # one chunk, exactly one, several, many (each a turn's row)
+        tokens = rng.integers(0, 50_000, length, dtype=np.int32)
+        staging.write(device.row(), tokens)
+        device.run(len(device.queued))
+        assert np.array_equal(device.table[:length], tokens)
+        assert len(staging._slots) <= 2 and staging.pinned_bytes() <= 2 * 16 * 4
+    with pytest.raises(ValueError, match="chunk"):
+        RowStaging(chunk=0)

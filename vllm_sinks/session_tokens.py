@@ -13,7 +13,8 @@ vLLM also hands a resumed session to the worker as a new request with its whole 
 `prompt_token_ids`, and for model runner V2 `prefill_token_ids`): Python lists converted or staged element by
 element, O(history) per turn (1.42x turn time from 100k to 1M tokens on CPU; 325 ms per turn at 4M tokens on
 an H100 host). `prompt_for_worker` / `prefill_for_worker` hand it int32 views instead, which it copies
-(or unpickles) with one memcpy; `write_row` copies one into model runner V2's token table.
+(or unpickles) with one memcpy; `write_row` copies one into model runner V2's token table through a fixed
+pinned staging (RowStaging), so the pinned memory does not grow with the longest session.
 
 A session's block hashes (one per full block) likewise grow with its history; `forget_old_block_hashes`
 keeps those of the sink blocks and of the blocks near the end only (SessionBlockHashes).
@@ -297,12 +298,69 @@ class UnstagedTokens:
         return iter(())
 
 
-def write_row(staged: Any, row: int, tokens: np.ndarray) -> None:
-    """Writes `tokens` to row `row` of a model-runner-V2 StagedWriteTensor (`.gpu`: a device or UVA tensor)
-    with one copy into pinned memory and one non-blocking host-to-device copy on the current stream, so it is
-    ordered after the work already queued there, as vLLM's own staged writes are."""
+class RowStaging:
+    """Copies int32 token rows from host arrays into a device (or UVA) table through `num_buffers` pinned
+    buffers of `chunk` ids each, reused round robin, so that the pinned memory a process holds for sessions
+    stays num_buffers * chunk * 4 bytes however long they grow. (A fresh pinned tensor per row, as vLLM's
+    staged writes use for their small ones, lands in torch's caching host allocator, which keeps one block
+    per power-of-two size ever asked for: ~2x the longest session's ids, kept for the life of the process.)
+
+    Invariant: a buffer is rewritten only after the copy that last read it has run (its event), and each
+    copy is queued on the current stream, so it is ordered after the work already queued there, as vLLM's
+    own staged writes are. A row of at most num_buffers * chunk ids never waits; a longer one waits once
+    per write for the device to reach its first chunks."""
+
+    def __init__(self, chunk: int = 1 << 20, num_buffers: int = 2, new_buffer: Any = None,
+                 new_event: Any = None) -> None:  # fmt: skip
+        if chunk < 1 or num_buffers < 1:
+            raise ValueError("RowStaging needs chunk >= 1 and num_buffers >= 1")
+        self.chunk, self.num_buffers = chunk, num_buffers
+        self._new_buffer = new_buffer or _pinned_int32
+        self._new_event = new_event or _cuda_event
+        self._slots: list[tuple[Any, Any]] = []
+        self._next = 0
+
+    def _slot(self) -> tuple[Any, Any]:
+        if len(self._slots) < self.num_buffers:
+            self._slots.append((self._new_buffer(self.chunk), self._new_event()))
+        slot = self._slots[self._next]
+        self._next = (self._next + 1) % self.num_buffers
+        return slot
+
+    def write(self, dst: Any, tokens: np.ndarray) -> None:
+        """dst[: len(tokens)] = tokens (dst: a 1-D int32 device tensor), chunk by chunk."""
+        for start in range(0, len(tokens), self.chunk):
+            part = tokens[start : start + self.chunk]
+            buffer, event = self._slot()
+            event.synchronize()  # the device has read what this buffer held (at once if never recorded)
+            buffer.numpy()[: len(part)] = part
+            dst[start : start + len(part)].copy_(buffer[: len(part)], non_blocking=True)
+            event.record()
+
+    def pinned_bytes(self) -> int:
+        return sum(buffer.numel() * buffer.element_size() for buffer, _ in self._slots)
+
+
+def _pinned_int32(n: int) -> Any:
     import torch
 
-    pinned = torch.empty(len(tokens), dtype=torch.int32, pin_memory=True)
-    pinned.numpy()[:] = tokens
-    staged.gpu[row, : len(tokens)].copy_(pinned, non_blocking=True)
+    return torch.empty(n, dtype=torch.int32, pin_memory=True)
+
+
+def _cuda_event() -> Any:
+    import torch
+
+    return torch.cuda.Event()
+
+
+_ROW_STAGING: RowStaging | None = None
+
+
+def write_row(staged: Any, row: int, tokens: np.ndarray) -> None:
+    """Writes `tokens` to row `row` of a model-runner-V2 StagedWriteTensor (`.gpu`: a device or UVA tensor)
+    through the process's RowStaging (see there): bounded pinned memory, copies ordered on the current
+    stream after the work already queued there."""
+    global _ROW_STAGING
+    if _ROW_STAGING is None:
+        _ROW_STAGING = RowStaging()
+    _ROW_STAGING.write(staged.gpu[row], tokens)

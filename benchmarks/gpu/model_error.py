@@ -27,13 +27,15 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 
-def build_model(root: str) -> str:
-    """The random model, q/k projections x3, saved in float32."""
+def build_model(root: str, trained_context: int = 2048) -> str:
+    """The random model, q/k projections x3, saved in float32. `trained_context` (max_position_embeddings)
+    changes no weight; at 4096 the 3,000-token prompt lies inside it: dense is compared at every position."""
     from safetensors.torch import load_file, save_file
 
     from vllm_sinks.tiny_model import TinyLlamaSpec, build_tiny_llama
 
-    path = os.path.join(root, "model_error_llama")
+    suffix = "" if trained_context == 2048 else f"_{trained_context}"
+    path = os.path.join(root, "model_error_llama" + suffix)
     spec = TinyLlamaSpec(
         hidden_size=1024,
         num_layers=2,
@@ -41,7 +43,7 @@ def build_model(root: str) -> str:
         num_kv_heads=2,
         head_dim=128,
         intermediate_size=2816,
-        max_position_embeddings=2048,
+        max_position_embeddings=trained_context,
         initializer_range=0.02,
         seed=7,
     )
@@ -92,16 +94,20 @@ def main(argv=None) -> dict:
     p.add_argument("--windows", default="1020,1023", help="SINKS windows W (S=4)")
     p.add_argument("--root", default="/tmp/vllm_sinks_models")
     p.add_argument("--model", default=None, help="a checkpoint dir instead of the random model")
+    p.add_argument("--trained-context", type=int, default=2048,
+                   help="the random model's trained context (4096: dense at every position)")  # fmt: skip
     p.add_argument("--text", choices=["random", "kjv"], default=None,
                    help="default: random; kjv with --model")  # fmt: skip
     p.add_argument("--reference-device", default=None, help="default: cuda for --model, else cpu")
+    p.add_argument("--save-errors", action="store_true",
+                   help="also write each position's absolute error per engine")  # fmt: skip
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # dense past the trained context (unused)
     from reference import StreamingLlama
     from run_record import emit, provenance
 
-    path = a.model or build_model(a.root)
+    path = a.model or build_model(a.root, a.trained_context)
     if (a.text or ("kjv" if a.model else "random")) == "kjv":
         sys.path.insert(0, os.path.join(HERE, "..", "quality"))
         from prepare import kjv_tokens
@@ -136,11 +142,16 @@ def main(argv=None) -> dict:
     if trained >= len(prompt):
         # The whole prompt lies inside the model's context: dense against full attention at every position,
         # the like-for-like floor (same positions, same count) for SINKS' "all".
-        result["dense_all"] = stats((dense - reference(None)).abs())
+        dense_err = (dense - reference(None)).abs()
+        result["dense_all"] = stats(dense_err)
+        if a.save_errors:
+            result.setdefault("errors", {})["dense_all"] = [round(x, 5) for x in dense_err.tolist()]
     for W in windows:
         want = reference(W)
         inside = torch.arange(1, len(prompt)) <= 4 + W  # positions where StreamingLLM is plain attention
         err = (sinks[W] - want).abs()
+        if a.save_errors:
+            result.setdefault("errors", {})[f"sinks_4+{W}"] = [round(x, 5) for x in err.tolist()]
         result[f"sinks_4+{W}"] = {"all": stats(err), "inside_window": stats(err[inside]),
                                   "past_window": stats(err[~inside])}  # fmt: skip
         if "dense_inside_window" not in result:

@@ -8,6 +8,9 @@
 #   kernels        the GPU kernel test alone
 #   speed          decode kernel vs copy bandwidth, prefill attention A/B, model-level error vs dense
 #   equality       the GPU equality test (5 configurations, bf16 vs the float32 reference)
+#   model_error_all  the random model's error with a 4,096-token trained context, so that dense is compared with
+#                  full attention at every position (like for like with SINKS' "all"), each position's error kept
+#   sessions_test  the GPU sessions test (model runner V2's token rows, the pinned staging, replies vs vLLM's own)
 #   band_sweep     band_sink_attention's launch shapes at 16k context (prefill_ab.py --band-sweep); writes the
 #                  fastest at the default heads per program to OUT/band_best.txt
 #   band_sweep2    the same over smaller shapes (rows 32/64, keys 16/32, 2/4 warps)
@@ -70,6 +73,15 @@ case $STEP in
     ;;
   equality)
     python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_equality.py 2>&1 | tee "$OUT/gpu_equality.log" | grep -E "mean|passed|failed|Error" | tail -12
+    ;;
+  model_error_all)
+    python3 benchmarks/gpu/model_error.py --trained-context 4096 --reference-device cuda --save-errors \
+      --out "$OUT/model_error_all.json" > "$OUT/model_error_all.log" 2>&1
+    grep -E '^\{"(sinks|dense)' "$OUT/model_error_all.log" | tail -1 | cut -c1-1500
+    tail -3 "$OUT/model_error_all.log" | grep -i error
+    ;;
+  sessions_test)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sessions.py 2>&1 | tee "$OUT/gpu_sessions_test.log" | tail -15
     ;;
   band_sweep)
     python3 benchmarks/gpu/prefill_ab.py --contexts 16384 --band-sweep 16384 --out "$OUT/prefill_band_sweep.json" \

@@ -33,7 +33,8 @@
 #   session_memory TAG [SESSION_TOKENS_PY]  one live session grown to 4,194,304 tokens (8B shape, turn latency
 #                  at 16k / 1M / 4M) under the memory probe (session_memory_probe/): per 256k session tokens,
 #                  the engine core's mappings, malloc heap and pinned host memory; with SESSION_TOKENS_PY (an
-#                  earlier session_tokens.py) run in its place, for an A/B on one host
+#                  earlier session_tokens.py) run in its place, for an A/B on one host; SHAPE=tiny for a small
+#                  model (host memory per session token does not depend on the model)
 #   session_trace TAG ARGS...  bench_session_turns.py (8B shape) with ARGS under the engine-core step trace
 #                  (step_trace/): per session input, the steps, their token counts, gaps and CUDA graph modes
 #   sessions_http [DURATION]  64 live HTTP sessions (/v1/sessions), 20% of replies dropped, then the final check
@@ -176,7 +177,7 @@ PY
     if [ -n "${4:-}" ]; then cp vllm_sinks/session_tokens.py /tmp/session_tokens.current.py && cp "$4" vllm_sinks/session_tokens.py; fi
     rm -f /tmp/memprobe_$TAG.*
     PYTHONPATH=benchmarks/gpu/session_memory_probe${PYTHONPATH:+:$PYTHONPATH} VLLM_SINKS_MEMORY_PROBE=/tmp/memprobe_$TAG \
-      timeout "${MEMORY_TIMEOUT_S:-540}" python3 benchmarks/bench_session_turns.py --shape llama3-8b \
+      timeout "${MEMORY_TIMEOUT_S:-540}" python3 benchmarks/bench_session_turns.py --shape "${SHAPE:-llama3-8b}" \
       --checkpoints 16384,1048576,4194304 --probe-turns 5 --out "$OUT/session_turns_$TAG.json" > "$OUT/session_turns_$TAG.log" 2>&1
     if [ -n "${4:-}" ]; then cp /tmp/session_tokens.current.py vllm_sinks/session_tokens.py; fi
     grep -E "^\{'session_tokens'|Error" "$OUT/session_turns_$TAG.log" | tail -6

@@ -178,7 +178,7 @@ PY
     rm -f /tmp/memprobe_$TAG.*
     PYTHONPATH=benchmarks/gpu/session_memory_probe${PYTHONPATH:+:$PYTHONPATH} VLLM_SINKS_MEMORY_PROBE=/tmp/memprobe_$TAG \
       timeout "${MEMORY_TIMEOUT_S:-540}" python3 benchmarks/bench_session_turns.py --shape "${SHAPE:-llama3-8b}" \
-      --checkpoints 16384,1048576,4194304 --probe-turns 5 --out "$OUT/session_turns_$TAG.json" > "$OUT/session_turns_$TAG.log" 2>&1
+      --checkpoints 16384,1048576,4194304 --probe-turns 5 ${SESSION_ARGS:-} --out "$OUT/session_turns_$TAG.json" > "$OUT/session_turns_$TAG.log" 2>&1
     if [ -n "${4:-}" ]; then cp /tmp/session_tokens.current.py vllm_sinks/session_tokens.py; fi
     grep -E "^\{'session_tokens'|Error" "$OUT/session_turns_$TAG.log" | tail -6
     cat /tmp/memprobe_$TAG.* > "$OUT/memprobe_$TAG.jsonl" 2>/dev/null

@@ -88,6 +88,14 @@ def stats(err: torch.Tensor) -> dict:
             "max": round(err.max().item(), 5), "n": err.numel()}  # fmt: skip
 
 
+def largest(err: torch.Tensor, k: int = 5) -> list[list]:
+    """The k largest errors as [position of the predicted token, error], largest first (err[i] is position
+    i + 1's): whether two engines' tails sit at the same positions tells the function's sensitivity from a
+    kernel's."""
+    vals, idx = torch.topk(err, min(k, err.numel()))
+    return [[int(i) + 1, round(float(v), 5)] for v, i in zip(vals, idx, strict=True)]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=3000)
@@ -146,6 +154,7 @@ def main(argv=None) -> dict:
         result["dense_all"] = stats(dense_err)
         if a.save_errors:
             result.setdefault("errors", {})["dense_all"] = [round(x, 5) for x in dense_err.tolist()]
+            result["dense_all"]["largest"] = largest(dense_err)
     for W in windows:
         want = reference(W)
         inside = torch.arange(1, len(prompt)) <= 4 + W  # positions where StreamingLLM is plain attention
@@ -154,6 +163,8 @@ def main(argv=None) -> dict:
             result.setdefault("errors", {})[f"sinks_4+{W}"] = [round(x, 5) for x in err.tolist()]
         result[f"sinks_4+{W}"] = {"all": stats(err), "inside_window": stats(err[inside]),
                                   "past_window": stats(err[~inside])}  # fmt: skip
+        if a.save_errors:
+            result[f"sinks_4+{W}"]["all"]["largest"] = largest(err)
         if "dense_inside_window" not in result:
             result["dense_inside_window"] = stats((dense - want).abs()[inside])
             result["dense_inside_window"]["positions"] = f"< {4 + W + 1}"

@@ -208,7 +208,7 @@ PY
     ( time python3 benchmarks/quality/prepare.py --model $QWEN ) 2>&1 | tail -5
     ;;
   qwen_error)
-    python3 benchmarks/gpu/model_error.py --model "$VLLM_SINKS_DATA/$QWEN" --windows 1020,1023 \
+    python3 benchmarks/gpu/model_error.py --model "$VLLM_SINKS_DATA/$QWEN" --windows 1020,1023 --save-errors \
       --out "$OUT/model_error_qwen15.json" > "$OUT/model_error_qwen15.log" 2>&1
     grep -E '^\{"(sinks|dense)' "$OUT/model_error_qwen15.log" | tail -1
     ;;

@@ -159,11 +159,10 @@ def main(argv=None) -> dict:
         want = reference(W)
         inside = torch.arange(1, len(prompt)) <= 4 + W  # positions where StreamingLLM is plain attention
         err = (sinks[W] - want).abs()
-        if a.save_errors:
-            result.setdefault("errors", {})[f"sinks_4+{W}"] = [round(x, 5) for x in err.tolist()]
         result[f"sinks_4+{W}"] = {"all": stats(err), "inside_window": stats(err[inside]),
                                   "past_window": stats(err[~inside])}  # fmt: skip
         if a.save_errors:
+            result.setdefault("errors", {})[f"sinks_4+{W}"] = [round(x, 5) for x in err.tolist()]
             result[f"sinks_4+{W}"]["all"]["largest"] = largest(err)
         if "dense_inside_window" not in result:
             result["dense_inside_window"] = stats((dense - want).abs()[inside])

@@ -34,7 +34,8 @@
 #                  at 16k / 1M / 4M) under the memory probe (session_memory_probe/): per 256k session tokens,
 #                  the engine core's mappings, malloc heap and pinned host memory; with SESSION_TOKENS_PY (an
 #                  earlier session_tokens.py) run in its place, for an A/B on one host; SHAPE=tiny for a small
-#                  model (host memory per session token does not depend on the model)
+#                  model (host memory per session token does not depend on the model), SESSION_ARGS for more
+#                  bench_session_turns.py arguments (the tiny shape needs --window-tokens 4060; --kv-blocks N)
 #   session_trace TAG ARGS...  bench_session_turns.py (8B shape) with ARGS under the engine-core step trace
 #                  (step_trace/): per session input, the steps, their token counts, gaps and CUDA graph modes
 #   sessions_http [DURATION]  64 live HTTP sessions (/v1/sessions), 20% of replies dropped, then the final check

@@ -179,6 +179,45 @@ def test_concurrent_streams_with_aborts_and_preemption_leak_nothing(engine):
     assert not manager.req_to_blocks
 
 
+def test_cache_hit_reaches_the_worker_as_a_sparse_row(engine, monkeypatch):
+    """A resent stream hits the cache as [sink blocks][nulls][window blocks]: the scheduler hands it to the
+    worker as a block_rows.SparseBlockRow (not a list of every null), equal to vLLM's list of the request's
+    blocks, and the continuation still equals the reference."""
+    from reference import StreamingLlama
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_sinks.block_rows import SparseBlockRow
+    from vllm_sinks.introspection import scheduler_of
+
+    llm, path = engine
+    scheduler = scheduler_of(llm)
+    manager = _manager(llm)
+    handed: list[tuple[bool, bool]] = []
+    original = scheduler.schedule
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        for data in out.scheduled_new_reqs:
+            (row,) = data.block_ids
+            stock = [b.block_id for b in manager.req_to_blocks[data.req_id]]
+            handed.append((isinstance(row, SparseBlockRow), list(row) == stock))
+        return out
+
+    monkeypatch.setattr(scheduler, "schedule", spy)
+    g = torch.Generator().manual_seed(9)
+    first = torch.randint(3, 380, (1500,), generator=g).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    reply = list(llm.generate([TokensPrompt(prompt_token_ids=first)], params)[0].outputs[0].token_ids)
+    resend = first + reply[:-1] + torch.randint(3, 380, (40,), generator=g).tolist()
+    out = llm.generate([TokensPrompt(prompt_token_ids=resend)], params)[0]
+    got = list(out.outputs[0].token_ids)
+    print(f"handed over (sparse, equal to vLLM's list): {handed}; cached tokens {out.num_cached_tokens}")
+    assert handed[0] == (False, True) and handed[1] == (True, True)
+    assert out.num_cached_tokens > len(first) - W - B
+    assert StreamingLlama(path, S, W).greedy_mismatch(resend, got) is None
+
+
 def test_per_step_stats_read_no_config(engine, monkeypatch):
     """collect_sinks_stats runs in every engine step that logs stats (vllm serve, AsyncLLM). It once derived
     the pool's capacity there from VllmConfig.max_in_flight_tokens, whose max_concurrent_batches ->

@@ -7,8 +7,11 @@ writes with one copy (vllm_sinks.compat._patch_v2_request_state):
   again after the session is removed and re-added with a grown view (what each turn does);
 * rows longer than the plugin's fixed pinned staging arrive whole, and torch's pinned host allocator grows
   by that staging only;
+* a long stream's block ids (vllm_sinks.block_rows.SparseBlockRow: head, null run, tail) land in V2's block
+  table equal to the full list, over a row another request left behind;
 * a session of many turns on an engine with model runner V2 replies with the same greedy tokens under the
-  plugin's hand-off as under vLLM's own (VLLM_SINKS_STOCK_SESSION_HANDOFF=1), on the same weights.
+  plugin's hand-off (int32 tokens, sparse block rows) as under vLLM's own
+  (VLLM_SINKS_STOCK_SESSION_HANDOFF=1), on the same weights.
 """
 
 from __future__ import annotations
@@ -85,6 +88,45 @@ def test_session_rows_stage_through_bounded_pinned_memory():
     staging = session_tokens._ROW_STAGING
     assert staging is not None and staging.pinned_bytes() == 2 * staging.chunk * 4
     assert grown <= staging.pinned_bytes() + 2**20, grown
+
+
+def test_v2_block_tables_take_a_sparse_row():
+    """A SparseBlockRow (a long stream's block ids: head, null run, tail) written into model runner V2's
+    BlockTables over a row a longer request left behind equals the full list on the device, next to a row
+    staged vLLM's way; later blocks append after it; where kernel blocks split the KV blocks, vLLM's own
+    path takes the row as a list."""
+    from vllm_sinks import compat
+    from vllm_sinks.block_rows import SparseBlockRow
+
+    compat.apply_patches()
+    from vllm.v1.worker.gpu.block_table import BlockTables
+
+    cuda = torch.device("cuda")
+    tables = BlockTables(block_sizes=[16], max_num_reqs=4, max_num_batched_tokens=1024,
+                         max_num_blocks_per_group=[300_000], device=cuda,
+                         kernel_block_sizes=[16])  # fmt: skip
+    tables.append_block_ids(1, (list(range(1000, 281_000)),), overwrite=True)  # a longer request's leftovers
+    tables.apply_staged_writes()
+    row = SparseBlockRow([5], 262_144 - 300, list(range(2000, 2300)), null_id=0)
+    tables.append_block_ids(1, (row,), overwrite=True)
+    tables.append_block_ids(2, ([7, 8, 9],), overwrite=True)
+    tables.apply_staged_writes()
+    tables.append_block_ids(1, ([42, 43],), overwrite=False)
+    tables.apply_staged_writes()
+    torch.cuda.synchronize()
+    gpu = tables.block_tables[0].gpu
+    n = len(row)
+    assert np.array_equal(gpu[1, :n].cpu().numpy(), row.to_array())
+    assert gpu[1, n : n + 2].tolist() == [42, 43] and int(tables.num_blocks.np[0, 1]) == n + 2
+    assert gpu[2, :3].tolist() == [7, 8, 9] and int(tables.num_blocks.np[0, 2]) == 3
+
+    split = BlockTables(block_sizes=[32], max_num_reqs=2, max_num_batched_tokens=1024,
+                        max_num_blocks_per_group=[64], device=cuda, kernel_block_sizes=[16])  # fmt: skip
+    split.append_block_ids(0, (SparseBlockRow([3], 10, [4, 5], null_id=0),), overwrite=True)
+    split.apply_staged_writes()
+    torch.cuda.synchronize()
+    expected = [b * 2 + k for b in [3] + [0] * 9 + [4, 5] for k in range(2)]
+    assert split.block_tables[0].gpu[0, : len(expected)].tolist() == expected
 
 
 def _session_replies(model: str, stock_handoff: bool) -> tuple[list[list[int]], bool]:

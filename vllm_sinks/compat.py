@@ -335,6 +335,7 @@ def _patch_scheduler_stats() -> None:
         if self._vllm_sinks_active:
             log_capacity(self)
             self._vllm_sinks_hashes_kept = _session_block_hashes_kept(self)
+            self.kv_cache_manager._vllm_sinks_row_heads = _sparse_row_heads(self)
 
     Scheduler.make_stats = make_stats
     Scheduler.__init__ = __init__
@@ -394,6 +395,61 @@ def _patch_session_handoff() -> None:
     _patch_v2_request_state()
     if not stock_handoff:
         _patch_front_end_session_state()
+    if not stock_handoff and os.environ.get("VLLM_SINKS_STOCK_BLOCK_ROWS") != "1":
+        _patch_block_rows()
+
+
+def _patch_block_rows() -> None:
+    """vllm.v1.core.kv_cache_manager.KVCacheManager.get_blocks: the scheduler hands a new or resumed request
+    to the worker with its whole block-id list (get_blocks(...).get_block_ids(), built id by id); under SINKS
+    a long stream's list is nearly all the null block (one id per block of history), O(history) per turn of
+    a live session. Under SINKS it returns block_rows.SparseKVCacheBlocks, whose get_block_ids gives a
+    block_rows.SparseBlockRow (a Sequence equal to the list) where a row has a long null run.
+    vllm.v1.worker.gpu.block_table.BlockTables.append_block_ids (model runner V2) stages such a row id by id
+    and converts it with torch.tensor; it is written with block_rows.stage_into_block_tables instead.
+    Model runner V1 takes the row as it is (BlockTable.add_row converts it with numpy through __array__;
+    CachedRequestState extends it). The heads are decided in Scheduler.__init__ (_vllm_sinks_row_heads).
+    VLLM_SINKS_STOCK_BLOCK_ROWS=1 leaves vLLM's lists in place, for A/B benchmarks."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from vllm_sinks import block_rows
+
+    original_get_blocks = KVCacheManager.get_blocks
+
+    @functools.wraps(original_get_blocks)
+    def get_blocks(self, request_id):
+        blocks = original_get_blocks(self, request_id)
+        heads = getattr(self, "_vllm_sinks_row_heads", None)
+        if heads is None:
+            return blocks
+        return block_rows.SparseKVCacheBlocks(blocks.blocks, heads)
+
+    KVCacheManager.get_blocks = get_blocks
+    try:
+        from vllm.v1.worker.gpu.block_table import BlockTables
+    except ImportError:  # a build without model runner V2 (e.g. CPU)
+        return
+    original_append = BlockTables.append_block_ids
+
+    @functools.wraps(original_append)
+    def append_block_ids(self, req_index, new_block_ids, overwrite):
+        if not any(isinstance(row, block_rows.SparseBlockRow) for row in new_block_ids):
+            return original_append(self, req_index, new_block_ids, overwrite)
+        if overwrite and block_rows.stage_into_block_tables(self, req_index, new_block_ids):
+            return None
+        return original_append(self, req_index, tuple(list(row) for row in new_block_ids), overwrite)
+
+    BlockTables.append_block_ids = append_block_ids
+
+
+def _sparse_row_heads(scheduler) -> tuple[int | None, ...] | None:
+    """Per KV-cache group, the head (sink blocks) of rows handed over as block_rows.SparseBlockRow, None for
+    a group that is not SINKS'; None where no group is."""
+    from vllm_sinks.kv_cache import SinkWindowManager
+
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    heads = tuple(m.num_sink_blocks if isinstance(m, SinkWindowManager) else None for m in managers)
+    return heads if any(h is not None for h in heads) else None
 
 
 def _session_block_hashes_kept(scheduler) -> tuple[int, int] | None:

@@ -19,7 +19,9 @@ The serving load (benchmarks/gpu/serve_load.sh) is prefill-bound, and SINKS' int
 --band-sweep CTX times band_sink_attention alone at context CTX over launch shapes (ops_cuda.BandTiling: rows
 per program, keys per step, num_warps, num_stages; then heads per program for the fastest three) and adds
 them, fastest first, as "band_sweep" (a shape Triton cannot launch, e.g. out of shared memory, is skipped);
---band-grid picks the shapes (default: the 2026-11-24 sweep's). --prev-ops FILE times sinks_attn, the band
+--band-grid picks the shapes (default: the 2026-11-24 sweep's). --fa-window-steps K adds sinks_attn_faN (FA3
+over a smaller immune window N = W' - kBlockN k, the band kernel over the rest: exact too, less FA3 work, more
+band work). --prev-ops FILE times sinks_attn, the band
 and rope_cache again with the kernels of another ops_cuda.py, side by side in the same run (prev_*; then
 again_* for this code once more).
 """
@@ -52,6 +54,8 @@ def main(argv=None) -> dict:
     p.add_argument("--band-grid", default="64,128/32,64,128/4,8/1,2,3", metavar="ROWS/KEYS/WARPS/STAGES",
                    help="--band-sweep shapes: lists of rows, keys, num_warps, num_stages")  # fmt: skip
     p.add_argument("--prev-ops", default=None, help="an earlier ops_cuda.py to time side by side")
+    p.add_argument("--fa-window-steps", type=int, default=0, metavar="K",
+                   help="also time sinks_attn with FA3 over W' - kBlockN k, k = 1..K")  # fmt: skip
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     from bench_kernel import _timed
@@ -155,9 +159,9 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
         tiles[hpp] = (torch.tensor(reqs, dtype=torch.int32, device=dev),
                       torch.tensor(starts, dtype=torch.int32, device=dev))  # fmt: skip
 
-    def band(lse, hpp, ops=ops_cuda):
+    def band(lse, hpp, ops=ops_cuda, fa_window=wx):
         tr, ts = tiles[hpp]
-        ops.band_sink_attention(q, qs, kc, vc, out, lse, pos, bt, cu, tr, ts, S, W, wx, D**-0.5, hpp)
+        ops.band_sink_attention(q, qs, kc, vc, out, lse, pos, bt, cu, tr, ts, S, W, fa_window, D**-0.5, hpp)
 
     if band_only:
         _, lse_band = fa([wx, 0], True)
@@ -174,10 +178,10 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
 
         return band_tiled, hpp_default, set(tiles)
 
-    def sinks_attn(ops=ops_cuda):
-        _, lse = fa([wx, 0], True)
-        if ctx - 1 > wx:
-            band(lse, hpp_default, ops)
+    def sinks_attn(ops=ops_cuda, fa_window=wx):
+        _, lse = fa([fa_window, 0], True)
+        if ctx - 1 > fa_window:
+            band(lse, hpp_default, ops, fa_window)
 
     def rope_cache(ops=ops_cuda):
         ops.rope_and_cache(q, k, v, qs, kc, vc, slots, cos, sin, cos, sin, D, True)
@@ -224,6 +228,14 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
         row["again_sinks_attn_ms"] = timed(sinks_attn)
         row[f"again_band_hpp{hpp_default}_ms"] = timed(lambda: band(lse_exact, hpp_default))
         row["again_rope_cache_ms"] = timed(rope_cache)
+    block_n = (ops_cuda.fa3_tiles(D) or (0, 0))[1]
+    for k in range(1, a.fa_window_steps + 1):
+        w_k = wx - k * block_n
+        if block_n and w_k >= 0:
+            row[f"sinks_attn_fa{w_k}_ms"] = timed(lambda w_k=w_k: sinks_attn(fa_window=w_k))
+    if a.fa_window_steps:
+        row["again_sinks_attn_ms"] = timed(sinks_attn)
+        row["again_sliding_fa_ms"] = timed(lambda: fa([W, 0], False))
     row["band_default_hpp"] = hpp_default
     for key in [x for x in row if x.endswith("_ms")]:
         row[key] = round(row[key], 4)

@@ -18,6 +18,8 @@
 #                  rope_and_cache: programs per token), side by side with PREV_OPS (an earlier ops_cuda.py)
 #   ab_prev PREV_OPS  prefill_ab.py and bench_kernel.py (32k, 256k) with --prev-ops PREV_OPS (an earlier
 #                  ops_cuda.py): the prefill and decode kernels of both, side by side on one host
+#   fa_windows     prefill_ab.py at 16k with --fa-window-steps 3: SINKS' prefill attention with FA3 over smaller
+#                  immune windows (W' - 128 k) and the band kernel over the rest, next to the default W'
 #   band_check [TILING]  the GPU kernel test and prefill_ab.py with VLLM_SINKS_BAND_TILING=TILING (default:
 #                  OUT/band_best.txt)
 #   paused         paused chats, 32 and 64 chats x 65,536-token histories (S=4, W=4092)
@@ -86,6 +88,10 @@ case $STEP in
     ;;
   sessions_test)
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sessions.py 2>&1 | tee "$OUT/gpu_sessions_test.log" | tail -15
+    ;;
+  fa_windows)
+    python3 benchmarks/gpu/prefill_ab.py --contexts 16384 --fa-window-steps 3 --out "$OUT/prefill_fa_windows.json" \
+      2>&1 | tee "$OUT/prefill_fa_windows.log" | grep -v "^WARNING"
     ;;
   band_sweep)
     python3 benchmarks/gpu/prefill_ab.py --contexts 16384 --band-sweep 16384 --out "$OUT/prefill_band_sweep.json" \

@@ -8,9 +8,9 @@ checkpoint: median and p90 turn time, the ratio of each median to the first chec
 memory of the front end, engine core and workers (bytes per session token between the first and last).
 
 --handoff stock runs the same with vLLM's own hand-off of a resumed session (the whole prompt as a Python
-list each turn; VLLM_SINKS_STOCK_SESSION_HANDOFF=1) for an A/B on one host; --handoff stock-rows keeps the
-plugin's token hand-off but vLLM's block-id lists (VLLM_SINKS_STOCK_BLOCK_ROWS=1: every null block's id,
-not block_rows.SparseBlockRow).
+list each turn; VLLM_SINKS_STOCK_SESSION_HANDOFF=1) for an A/B on one host. --block-rows sparse or lists sets
+VLLM_SINKS_BLOCK_ROWS: a long session's block ids handed over as block_rows.SparseBlockRow or as vLLM's list
+of every id (default: sparse on CPU, lists under model runner V2).
 
     python benchmarks/bench_session_turns.py --shape llama3-8b --checkpoints 16384,262144,1048576   (GPU)
     python benchmarks/bench_session_turns.py --checkpoints 4096,65536,262144                          (CPU)
@@ -38,7 +38,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--fill-gen", type=int, default=1, help="tokens generated per fill message")
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--window-tokens", type=int, default=None, help="default: 4092 on GPU, 252 on CPU")
-    p.add_argument("--handoff", choices=("sinks", "stock", "stock-rows"), default="sinks")
+    p.add_argument("--handoff", choices=("sinks", "stock"), default="sinks")
+    p.add_argument("--block-rows", choices=("default", "sparse", "lists"), default="default")
     p.add_argument("--backend", default="SINKS", help="or a stock backend (e.g. FLASH_ATTN) for comparison")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--no-async-scheduling", action="store_true", help="vLLM's synchronous scheduler (GPU)")
@@ -113,8 +114,8 @@ def main(argv=None) -> dict:
     a = parse(argv)
     if a.handoff == "stock":
         os.environ["VLLM_SINKS_STOCK_SESSION_HANDOFF"] = "1"
-    elif a.handoff == "stock-rows":
-        os.environ["VLLM_SINKS_STOCK_BLOCK_ROWS"] = "1"
+    if a.block_rows != "default":
+        os.environ["VLLM_SINKS_BLOCK_ROWS"] = a.block_rows
     import torch
     from bench_session_memory import run_on_engine
     from model_shapes import model_dir
@@ -152,6 +153,7 @@ def main(argv=None) -> dict:
         "benchmark": "session turn latency against length",
         "backend": a.backend,
         "handoff": a.handoff,
+        "block_rows": a.block_rows,
         "async_scheduling": not a.no_async_scheduling if on_gpu else False,
         "shape": a.shape,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",

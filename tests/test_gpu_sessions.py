@@ -152,12 +152,17 @@ def _session_replies(model: str, stock_handoff: bool) -> tuple[list[list[int]], 
         await session.close()
         return replies, engine.vllm_config.use_v2_model_runner
 
+    # Read by the engine core when it starts: vLLM's own hand-off, or the plugin's with sparse block rows
+    # (model runner V2 keeps lists by default until this test has run on a GPU: block_rows.enabled).
     if stock_handoff:
-        os.environ["VLLM_SINKS_STOCK_SESSION_HANDOFF"] = "1"  # read by the engine core when it starts
+        os.environ["VLLM_SINKS_STOCK_SESSION_HANDOFF"] = "1"
+    else:
+        os.environ["VLLM_SINKS_BLOCK_ROWS"] = "sparse"
     try:
         return run_on_engine(args, work)
     finally:
         os.environ.pop("VLLM_SINKS_STOCK_SESSION_HANDOFF", None)
+        os.environ.pop("VLLM_SINKS_BLOCK_ROWS", None)
 
 
 def test_session_handoff_equals_vllms_on_model_runner_v2(model_dir):

@@ -13,18 +13,36 @@ converts to an int32 array with one fill (`__array__`, what model runner V1's Bl
 `stage_into_block_tables` writes it into model runner V2's block table as two staged writes plus one fill
 of the null run on the device. Building one costs O(window blocks) plus a C-speed check of the run.
 
+Model runner V2's writer has not yet run on a GPU (2026-12-05: no device was lent), so under V2 the rows stay
+vLLM's lists unless VLLM_SINKS_BLOCK_ROWS=sparse (`enabled`); under V1 (the CPU path) they are sparse.
+
 Invariants: row[i] == null_id for len(head) <= i < tail_start, row[:len(head)] == head,
 row[tail_start:] == tail, len(row) == tail_start + len(tail).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+
+
+def enabled(use_v2_model_runner: bool) -> bool:
+    """Whether the scheduler hands long rows over as SparseBlockRow: VLLM_SINKS_BLOCK_ROWS=sparse or lists;
+    unset: sparse for model runner V1, lists for V2 (its writer is not yet verified on a GPU)."""
+    choice = os.environ.get("VLLM_SINKS_BLOCK_ROWS", "").strip()
+    if choice not in ("", "sparse", "lists"):
+        raise ValueError(
+            f"VLLM_SINKS_BLOCK_ROWS={choice!r}: expected 'sparse' (a long stream's block ids as sink blocks, "
+            "null run and window blocks) or 'lists' (vLLM's list of every id); unset it for the default"
+        )
+    if choice:
+        return choice == "sparse"
+    return not use_v2_model_runner
 
 
 class SparseBlockRow(Sequence):

@@ -395,7 +395,7 @@ def _patch_session_handoff() -> None:
     _patch_v2_request_state()
     if not stock_handoff:
         _patch_front_end_session_state()
-    if not stock_handoff and os.environ.get("VLLM_SINKS_STOCK_BLOCK_ROWS") != "1":
+    if not stock_handoff:
         _patch_block_rows()
 
 
@@ -408,8 +408,9 @@ def _patch_block_rows() -> None:
     vllm.v1.worker.gpu.block_table.BlockTables.append_block_ids (model runner V2) stages such a row id by id
     and converts it with torch.tensor; it is written with block_rows.stage_into_block_tables instead.
     Model runner V1 takes the row as it is (BlockTable.add_row converts it with numpy through __array__;
-    CachedRequestState extends it). The heads are decided in Scheduler.__init__ (_vllm_sinks_row_heads).
-    VLLM_SINKS_STOCK_BLOCK_ROWS=1 leaves vLLM's lists in place, for A/B benchmarks."""
+    CachedRequestState extends it). The heads are decided in Scheduler.__init__ (_vllm_sinks_row_heads),
+    where block_rows.enabled says whether rows go sparse (VLLM_SINKS_BLOCK_ROWS; V2 keeps lists by default
+    until its writer has run on a GPU)."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
     from vllm_sinks import block_rows
@@ -444,9 +445,12 @@ def _patch_block_rows() -> None:
 
 def _sparse_row_heads(scheduler) -> tuple[int | None, ...] | None:
     """Per KV-cache group, the head (sink blocks) of rows handed over as block_rows.SparseBlockRow, None for
-    a group that is not SINKS'; None where no group is."""
+    a group that is not SINKS'; None where no group is or rows stay lists (block_rows.enabled)."""
+    from vllm_sinks import block_rows
     from vllm_sinks.kv_cache import SinkWindowManager
 
+    if not block_rows.enabled(scheduler.use_v2_model_runner):
+        return None
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
     heads = tuple(m.num_sink_blocks if isinstance(m, SinkWindowManager) else None for m in managers)
     return heads if any(h is not None for h in heads) else None

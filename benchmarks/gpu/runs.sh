@@ -33,7 +33,7 @@
 #   session_turns HANDOFF  one live session's turn latency at 16k / 256k / 1M tokens of history, 8B shape
 #                  (bench_session_turns.py; HANDOFF: sinks, or stock for vLLM's own hand-off of a resumed session)
 #   block_rows_ab [CHECKPOINTS]  one live session's turn latency (8B shape) with vLLM's block-id lists
-#                  (--handoff stock-rows), then with block_rows.SparseBlockRow (sinks), same host, 16k / 1M / 4M
+#                  (--block-rows lists), then with block_rows.SparseBlockRow (sparse), same host, 16k / 1M / 4M
 #   session_memory TAG [SESSION_TOKENS_PY]  one live session grown to 4,194,304 tokens (8B shape, turn latency
 #                  at 16k / 1M / 4M) under the memory probe (session_memory_probe/): per 256k session tokens,
 #                  the engine core's mappings, malloc heap and pinned host memory; with SESSION_TOKENS_PY (an
@@ -182,9 +182,9 @@ PY
       d['rss_bytes_per_session_token'])" "$OUT/session_turns_$3.json"
     ;;
   block_rows_ab)
-    for H in stock-rows sinks; do
+    for H in lists sparse; do
       python3 benchmarks/bench_session_turns.py --shape llama3-8b --checkpoints "${3:-16384,1048576,4194304}" \
-        --probe-turns 6 --handoff $H --out "$OUT/session_turns_$H.json" > "$OUT/session_turns_$H.log" 2>&1
+        --probe-turns 6 --block-rows $H --out "$OUT/session_turns_$H.json" > "$OUT/session_turns_$H.log" 2>&1
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], [(c['session_tokens'], \
         c['ttft_ms_median'], c['turn_ms_median']) for c in d['checkpoints']], d['median_ratio_to_first'], \
         d['rss_bytes_per_session_token'])" "$OUT/session_turns_$H.json" $H

@@ -104,3 +104,17 @@ def test_bench_serve_user_messages_follow_user_words():
         counts = [len(load.user_message(rng, 7).split()) - 2 for _ in range(200)]  # minus "chat 7:"
         assert lo <= min(counts) and max(counts) <= hi
         assert load.allowed_token_ids == list(range(3, 380))
+
+
+def test_bench_block_rows_smoke(tmp_path):
+    import bench_block_rows
+
+    out = tmp_path / "rows.json"
+    res = bench_block_rows.main(["--tokens", "8192,65536", "--repeats", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == res and [r["block_ids"] for r in saved["rows"]] == [512, 4096]
+    assert all(
+        r[k] > 0
+        for r in saved["rows"]
+        for k in ("lists_v1_ms", "sparse_v1_ms", "lists_v2_ms", "sparse_v2_ms")
+    )

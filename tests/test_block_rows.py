@@ -42,7 +42,7 @@ def test_sparse_row_reads_as_the_list_it_stands_for():
     row.extend([13, 14])
     row.append(15)
     assert row == full + [13, 14, 15]
-    copy = pickle.loads(pickle.dumps(row))
+    copy = pickle.loads(pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL))  # as shm_broadcast sends it
     assert isinstance(copy, SparseBlockRow) and copy == row and copy.tail_start == 5
     assert row != full and row != [7, 0, 0, 0, 0, 11, 12, 13, 14, 16]
     with pytest.raises(ValueError):

@@ -203,3 +203,27 @@ class StreamingLlama:
         top2 = torch.topk(logits, 2).values
         assert (top2[0] - top2[1]).item() < 1e-4, f"token {i} of {len(got)} differs without a tie"
         return i
+
+    def check_session(self, turns: list[tuple[list[int], list[int]]], limit: int | None = None) -> int:
+        """A live session's turns (message, reply) against one stream over message 1 + reply 1 + message 2
+        + ... (each reply without its last sampled token, which vLLM never feeds back): at each reply token
+        this reference's argmax must be that token, or a genuine tie (top-2 logits within 1e-4). Stops after
+        the turn in which `limit` stream tokens are reached; returns the reply tokens checked."""
+        self.reset()
+        logits, seen, checked = None, 0, 0
+        for message, reply in turns:
+            for tok in message:
+                logits = self.step(tok)
+                seen += 1
+            for i, tok in enumerate(reply):
+                top2 = torch.topk(logits, 2)
+                if int(top2.indices[0]) != tok:
+                    assert (top2.values[0] - top2.values[1]).item() < 1e-4, f"reply token differs at {seen}"
+                checked += 1
+                if i == len(reply) - 1:
+                    break  # the last sampled token is not part of the stream
+                logits = self.step(tok)
+                seen += 1
+            if limit is not None and seen >= limit:
+                break
+        return checked

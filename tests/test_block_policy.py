@@ -4,6 +4,7 @@
   ceil(S/B) + ceil((W + chunk)/B) + 1, and the pool gets every block back;
 * a stream of >= 20 x (S + W) tokens that crosses many block boundaries in decode equals the reference;
 * 64 concurrent streams of mixed lengths with random aborts and forced preemption: no block leaks;
+* a live session preempted mid-turn resumes its stream (replies equal the reference) and returns its blocks;
 * the SINKS stats added to every engine step (make_stats) read no vLLM config property: one of them scanned
   every installed package's entry points, 15-25 ms per step on a GPU host.
 Admission under pressure, eviction order and paused chats: test_eviction.py, test_paused_chats.py.
@@ -177,6 +178,77 @@ def test_concurrent_streams_with_aborts_and_preemption_leak_nothing(engine):
     stats = block_stats(manager)
     assert stats["free_blocks"] == free_before and stats["num_requests"] == 0
     assert not manager.req_to_blocks
+
+
+def test_preempted_session_resumes_its_stream_and_returns_every_block(engine):
+    """A live session (vLLM's streaming-input request, fed here through the in-process engine core as
+    AsyncLLM feeds it) preempted in a turn's decode, by taking every free block away for a few steps: vLLM
+    recomputes it from its history (the int32 ids and the kept block hashes of session_tokens), its replies
+    equal one StreamingLLM stream over its messages, and ending the session returns every block."""
+    from reference import StreamingLlama
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_sinks.introspection import scheduler_of
+
+    llm, path = engine
+    client = llm.llm_engine.engine_core
+    tasks = client.get_supported_tasks()
+    scheduler = scheduler_of(llm)
+    manager = _manager(llm)
+    pool = manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    preempted: list[tuple[str, int]] = []
+    original = scheduler._preempt_request
+
+    def spy(request, timestamp):
+        preempted.append((request.request_id, request.num_computed_tokens))
+        return original(request, timestamp)
+
+    def send(tokens: list[int], max_tokens: int, resumable: bool = True) -> None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        # A copy: in process, vLLM extends the first input's list with the later ones.
+        prompt = TokensPrompt(prompt_token_ids=list(tokens))
+        request = llm.llm_engine.input_processor.process_inputs(
+            request_id="session", prompt=prompt, params=params, supported_tasks=tasks, resumable=resumable
+        )
+        client.add_request(request)
+
+    scheduler._preempt_request = spy
+    hogged: list = []
+    turns = []
+    try:
+        rng = random.Random(4)
+        for turn, (n, max_tokens) in enumerate([(300, 20), (3000, 30), (40, 50)]):
+            message = [rng.randrange(3, 380) for _ in range(n)]
+            send(message, max_tokens)
+            reply: list[int] = []
+            for step in range(1, 5000):
+                if turn == 1 and 3 <= step < 30:  # decode of a long turn: every free block taken each step
+                    hogged += pool.get_new_blocks(pool.get_num_free_blocks())
+                elif turn == 1 and step == 30:
+                    pool.free_blocks(hogged)
+                    hogged = []
+                outputs = client.get_output().outputs
+                reply += [t for o in outputs for t in o.new_token_ids]
+                if any(o.finish_reason is not None for o in outputs):
+                    break
+            turns.append((message, reply))
+        send([0], 1, resumable=False)  # the end of the input stream: the session finishes
+        for _ in range(3):
+            client.get_output()
+    finally:
+        scheduler._preempt_request = original
+        pool.free_blocks(hogged)
+    print(f"preempted (request, computed tokens): {preempted}; replies {[len(r) for _, r in turns]}")
+    assert [r for r, _ in preempted] == ["session"]
+    assert [len(r) for _, r in turns] == [20, 30, 50]
+    assert StreamingLlama(path, S, W).check_session(turns) == 100
+    assert (
+        pool.get_num_free_blocks() == free_before
+        and not manager.req_to_blocks
+        and "session" not in scheduler.requests
+    )
 
 
 def test_cache_hit_reaches_the_worker_as_a_sparse_row(engine, monkeypatch):

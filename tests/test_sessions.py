@@ -65,29 +65,10 @@ async def settle() -> float:
 
 
 def reference_check(path: str, turns: list[tuple[list[int], list[int]]], limit: int) -> int:
-    """Runs the reference once over the stream of (message, reply) turns up to `limit` tokens; at each reply
-    token, the reference's argmax must be that token (or a genuine tie). Returns the tokens checked."""
+    """The turns against one StreamingLLM stream over them (reference.StreamingLlama.check_session)."""
     from reference import StreamingLlama
 
-    ref = StreamingLlama(path, S, W)
-    ref.reset()
-    logits, seen, checked = None, 0, 0
-    for message, reply in turns:
-        for tok in message:
-            logits = ref.step(tok)
-            seen += 1
-        for i, tok in enumerate(reply):
-            top2 = torch.topk(logits, 2)
-            if int(top2.indices[0]) != tok:
-                assert (top2.values[0] - top2.values[1]).item() < 1e-4, f"reply token differs at {seen}"
-            checked += 1
-            if i == len(reply) - 1:
-                break  # the last sampled token is not part of the stream
-            logits = ref.step(tok)
-            seen += 1
-        if seen >= limit:
-            break
-    return checked
+    return StreamingLlama(path, S, W).check_session(turns, limit)
 
 
 def test_session_equals_one_streamingllm_stream_and_returns_its_blocks(engine):

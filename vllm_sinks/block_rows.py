@@ -4,8 +4,9 @@ Under SINKS a request's block list is [sink blocks][null blocks][window blocks] 
 for a long stream nearly all of it is the null block, one id per block of history (262,144 ids at 4M tokens
 with 16-token blocks). vLLM hands a new or resumed request to the worker with that whole list: the
 scheduler builds it id by id (KVCacheBlocks.get_block_ids), and model runner V2 stages it element by element
-(BlockTables.append_block_ids: list.extend, then torch.tensor of the list; ~30 ms for 262k ids on a 2-core
-CPU), so every turn of a live session paid O(history) before its first token.
+(BlockTables.append_block_ids: list.extend, then torch.tensor of the list; ~20 ms of host time for 262k ids
+on a 2-core CPU, benchmarks/bench_block_rows.py), so every turn of a live session paid O(history) before its
+first token.
 
 `SparseBlockRow` is that list as the head (the sink blocks' ids), the bounds of the null run, and the tail
 (the window's ids, growing as the worker appends new blocks). It is a Sequence[int] equal to the full list,
@@ -43,6 +44,18 @@ def enabled(use_v2_model_runner: bool) -> bool:
     if choice:
         return choice == "sparse"
     return not use_v2_model_runner
+
+
+def row_heads(managers: Sequence[Any], use_v2_model_runner: bool) -> tuple[int | None, ...] | None:
+    """Per KV-cache group (its single-type manager), the head of the rows handed over as SparseBlockRow: a
+    SinkWindowManager's sink blocks, None for a group that is not SINKS'. None where no group is SINKS' or
+    rows stay lists (`enabled`)."""
+    from vllm_sinks.kv_cache import SinkWindowManager
+
+    if not enabled(use_v2_model_runner):
+        return None
+    heads = tuple(m.num_sink_blocks if isinstance(m, SinkWindowManager) else None for m in managers)
+    return heads if any(h is not None for h in heads) else None
 
 
 class SparseBlockRow(Sequence):

@@ -395,7 +395,6 @@ def _patch_session_handoff() -> None:
     _patch_v2_request_state()
     if not stock_handoff:
         _patch_front_end_session_state()
-    if not stock_handoff:
         _patch_block_rows()
 
 
@@ -404,7 +403,7 @@ def _patch_block_rows() -> None:
     to the worker with its whole block-id list (get_blocks(...).get_block_ids(), built id by id); under SINKS
     a long stream's list is nearly all the null block (one id per block of history), O(history) per turn of
     a live session. Under SINKS it returns block_rows.SparseKVCacheBlocks, whose get_block_ids gives a
-    block_rows.SparseBlockRow (a Sequence equal to the list) where a row has a long null run.
+    block_rows.SparseBlockRow (a Sequence equal to the list) where a row has a null run.
     vllm.v1.worker.gpu.block_table.BlockTables.append_block_ids (model runner V2) stages such a row id by id
     and converts it with torch.tensor; it is written with block_rows.stage_into_block_tables instead.
     Model runner V1 takes the row as it is (BlockTable.add_row converts it with numpy through __array__;
@@ -444,16 +443,11 @@ def _patch_block_rows() -> None:
 
 
 def _sparse_row_heads(scheduler) -> tuple[int | None, ...] | None:
-    """Per KV-cache group, the head (sink blocks) of rows handed over as block_rows.SparseBlockRow, None for
-    a group that is not SINKS'; None where no group is or rows stay lists (block_rows.enabled)."""
+    """block_rows.row_heads for this Scheduler's KV-cache groups and model runner."""
     from vllm_sinks import block_rows
-    from vllm_sinks.kv_cache import SinkWindowManager
 
-    if not block_rows.enabled(scheduler.use_v2_model_runner):
-        return None
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    heads = tuple(m.num_sink_blocks if isinstance(m, SinkWindowManager) else None for m in managers)
-    return heads if any(h is not None for h in heads) else None
+    return block_rows.row_heads(managers, scheduler.use_v2_model_runner)
 
 
 def _session_block_hashes_kept(scheduler) -> tuple[int, int] | None:

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 
@@ -118,3 +120,39 @@ def test_bench_block_rows_smoke(tmp_path):
         for r in saved["rows"]
         for k in ("lists_v1_ms", "sparse_v1_ms", "lists_v2_ms", "sparse_v2_ms")
     )
+
+
+def test_model_error_floor_exact_forward_is_the_reference(model_dir):
+    """model_error_floor.py's batched float64 forward (its reference for models too large to run token by
+    token here) gives tests/reference.py's logprobs, full attention and StreamingLLM past the window; and in
+    bf16 a window longer than the prompt computes what dense attention computes, rounding for rounding."""
+    import model_error_floor as floor
+    import torch
+    from reference import StreamingLlama
+
+    path = model_dir()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 380, (150,), generator=g).tolist()
+    exact = floor.EmulatedLlama(path, exact=True)
+    for W, attend in ((None, floor.dense("fp32")), (60, floor.sinks(4, 60, split=False))):
+        want = torch.tensor(StreamingLlama(path, 4, W).token_logprobs(prompt), dtype=torch.float64)
+        got = exact.token_logprobs(prompt, attend, rows=64)
+        assert (got - want).abs().max() < 1e-9, W
+    bf16 = floor.EmulatedLlama(path)
+    same = bf16.token_logprobs(prompt, floor.sinks(4, 500, split=False))
+    assert torch.equal(same, bf16.token_logprobs(prompt, floor.dense("fp32")))
+    split = bf16.token_logprobs(prompt, floor.sinks(4, 60, split=True))
+    assert not torch.equal(split, same) and (split - want).abs().max() < 0.1
+
+
+@pytest.mark.slow
+def test_model_error_floor_smoke(tmp_path):
+    """The script end to end on its random model (1024 wide: ~30 s here, so in the slow suite)."""
+    import model_error_floor as floor
+
+    out = tmp_path / "floor.json"
+    res = floor.main(["--tokens", "140", "--windows", "100", "--root", str(tmp_path), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == res and set(saved["seeds"]["11"]) == {
+        "dense", "dense_fp32rope", "sinks_split_4+100", "sinks_single_4+100"
+    }  # fmt: skip

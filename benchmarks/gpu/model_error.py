@@ -59,13 +59,16 @@ def build_model(root: str, trained_context: int = 2048) -> str:
     return path
 
 
-def logprobs(path: str, prompt: list[int], backend: str, S: int = 4, W: int = 1020) -> list[float]:
-    """vLLM's prompt logprob of each actual token (position i: token i given tokens < i), bf16."""
+def logprobs(
+    path: str, prompts: list[list[int]], backend: str, S: int = 4, W: int = 1020
+) -> list[list[float]]:
+    """vLLM's prompt logprob of each actual token of each prompt (position i: token i given tokens < i), bf16,
+    one engine for all prompts."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     kw = dict(model=path, dtype="bfloat16", enforce_eager=True, max_num_batched_tokens=512, max_logprobs=0,
-              max_model_len=len(prompt) + 8, gpu_memory_utilization=0.3,
+              max_model_len=max(map(len, prompts)) + 8, gpu_memory_utilization=0.3,
               enable_prefix_caching=False)  # fmt: skip
     if backend == "SINKS":
         sinks = {"sink_tokens": S, "window_tokens": W}
@@ -73,13 +76,19 @@ def logprobs(path: str, prompt: list[int], backend: str, S: int = 4, W: int = 10
         kw["long_prefill_token_threshold"] = 512  # whole 512-token chunks, as for dense
     else:
         kw.update(attention_backend=backend)
+    if backend != "SINKS" and not torch.cuda.is_available():
+        kw.pop("attention_backend")  # a CPU check of this script: vLLM's CPU attention stands in for dense
     llm = LLM(**kw)
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params)
-    lps = [out[0].prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    lps = [
+        [o.prompt_logprobs[i][p[i]].logprob for i in range(1, len(p))]
+        for o, p in zip(outs, prompts, strict=True)
+    ]
     del llm
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return lps
 
 
@@ -88,18 +97,28 @@ def stats(err: torch.Tensor) -> dict:
             "max": round(err.max().item(), 5), "n": err.numel()}  # fmt: skip
 
 
-def largest(err: torch.Tensor, k: int = 5) -> list[list]:
+def largest(err: torch.Tensor, k: int = 5, seeds: list[int] | None = None) -> list[list]:
     """The k largest errors as [position of the predicted token, error], largest first (err[i] is position
-    i + 1's): whether two engines' tails sit at the same positions tells the function's sensitivity from a
-    kernel's."""
+    i + 1's), or [seed, position, error] for errors pooled over the prompts of `seeds` (equal lengths, one
+    after another): whether two engines' tails sit at the same positions tells the function's sensitivity
+    from a kernel's."""
     vals, idx = torch.topk(err, min(k, err.numel()))
-    return [[int(i) + 1, round(float(v), 5)] for v, i in zip(vals, idx, strict=True)]
+    if not seeds or len(seeds) == 1:
+        return [[int(i) + 1, round(float(v), 5)] for v, i in zip(vals, idx, strict=True)]
+    per = err.numel() // len(seeds)
+    return [
+        [seeds[int(i) // per], int(i) % per + 1, round(float(v), 5)] for v, i in zip(vals, idx, strict=True)
+    ]
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=3000)
     p.add_argument("--windows", default="1020,1023", help="SINKS windows W (S=4)")
+    p.add_argument("--seeds", default=None,
+                   help="prompts, pooled: random ids of these seeds (default 11) or, with kjv, these runs of "
+                   "--tokens tokens of the text (default 0). The largest error of one prompt is one "
+                   "extreme of a noisy sample (model_error_floor.py); several prompts pool it")  # fmt: skip
     p.add_argument("--root", default="/tmp/vllm_sinks_models")
     p.add_argument("--model", default=None, help="a checkpoint dir instead of the random model")
     p.add_argument("--trained-context", type=int, default=2048,
@@ -107,8 +126,11 @@ def main(argv=None) -> dict:
     p.add_argument("--text", choices=["random", "kjv"], default=None,
                    help="default: random; kjv with --model")  # fmt: skip
     p.add_argument("--reference-device", default=None, help="default: cuda for --model, else cpu")
-    p.add_argument("--save-errors", action="store_true",
-                   help="also write each position's absolute error per engine")  # fmt: skip
+    p.add_argument(
+        "--save-errors",
+        action="store_true",
+        help="also write each position's absolute error per engine (prompts one after another)",
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # dense past the trained context (unused)
@@ -116,19 +138,23 @@ def main(argv=None) -> dict:
     from run_record import emit, provenance
 
     path = a.model or build_model(a.root, a.trained_context)
-    if (a.text or ("kjv" if a.model else "random")) == "kjv":
+    kjv = (a.text or ("kjv" if a.model else "random")) == "kjv"
+    seeds = [int(x) for x in (a.seeds or ("0" if kjv else "11")).split(",")]
+    if kjv:
         sys.path.insert(0, os.path.join(HERE, "..", "quality"))
         from prepare import kjv_tokens
 
-        prompt = kjv_tokens(path)[: a.tokens]
+        text = kjv_tokens(path)
+        prompts = [text[s * a.tokens : (s + 1) * a.tokens] for s in seeds]
     else:
-        g = torch.Generator().manual_seed(11)
-        prompt = torch.randint(3, 380, (a.tokens,), generator=g).tolist()
+        prompts = [torch.randint(3, 380, (a.tokens,), generator=torch.Generator().manual_seed(s)).tolist()
+                   for s in seeds]  # fmt: skip
     ref_device = a.reference_device or ("cuda" if a.model else "cpu")
     result: dict = {
         "benchmark": "model-level logprob error vs float64 reference",
         "model": a.model or "seeded random Llama (build_model)",
         "tokens": a.tokens,
+        "seeds": seeds,
         "reference_device": ref_device,
         **provenance(__file__, argv),
     }
@@ -136,42 +162,60 @@ def main(argv=None) -> dict:
     with open(os.path.join(path, "config.json")) as f:
         trained = json.load(f).get("max_position_embeddings", 0)
     # Every vLLM engine first, then the float64 reference (a real model's float64 weights fill a GPU's share).
-    dense = torch.tensor(logprobs(path, prompt, "FLASH_ATTN"))  # fmt: skip
-    sinks = {W: torch.tensor(logprobs(path, prompt, "SINKS", 4, W)) for W in windows}
+    dense = [torch.tensor(x, dtype=torch.float64) for x in logprobs(path, prompts, "FLASH_ATTN")]
+    sinks = {W: [torch.tensor(x, dtype=torch.float64) for x in logprobs(path, prompts, "SINKS", 4, W)]
+             for W in windows}  # fmt: skip
 
-    def reference(W: int | None) -> torch.Tensor:
+    def reference(W: int | None) -> list[torch.Tensor]:
         ref = StreamingLlama(path, 4, W, device=ref_device)
-        out = torch.tensor(ref.token_logprobs(prompt))
+        out = [torch.tensor(ref.token_logprobs(p), dtype=torch.float64) for p in prompts]
         del ref
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return out
 
-    if trained >= len(prompt):
+    per_prompt: dict[str, dict] = {str(s): {} for s in seeds}
+
+    def record(name: str, errs: list[torch.Tensor]) -> torch.Tensor:
+        """Per-prompt stats under per_prompt, the pooled errors returned."""
+        for s, e in zip(seeds, errs, strict=True):
+            per_prompt[str(s)][name] = stats(e)
+        pooled = torch.cat(errs)
+        if a.save_errors:
+            result.setdefault("errors", {})[name] = [round(x, 5) for x in pooled.tolist()]
+        return pooled
+
+    if trained >= a.tokens:
         # The whole prompt lies inside the model's context: dense against full attention at every position,
         # the like-for-like floor (same positions, same count) for SINKS' "all".
-        dense_err = (dense - reference(None)).abs()
+        dense_err = record("dense_all", [(d - r).abs() for d, r in zip(dense, reference(None), strict=True)])
         result["dense_all"] = stats(dense_err)
-        if a.save_errors:
-            result.setdefault("errors", {})["dense_all"] = [round(x, 5) for x in dense_err.tolist()]
-            result["dense_all"]["largest"] = largest(dense_err)
+        result["dense_all"]["largest"] = largest(dense_err, seeds=seeds)
     for W in windows:
         want = reference(W)
-        inside = torch.arange(1, len(prompt)) <= 4 + W  # positions where StreamingLLM is plain attention
-        err = (sinks[W] - want).abs()
+        errs = [(x - r).abs() for x, r in zip(sinks[W], want, strict=True)]
+        err = record(f"sinks_4+{W}", errs)
+        inside = torch.cat([torch.arange(1, len(p)) <= 4 + W for p in prompts])  # plain attention there
         result[f"sinks_4+{W}"] = {"all": stats(err), "inside_window": stats(err[inside]),
                                   "past_window": stats(err[~inside])}  # fmt: skip
-        if a.save_errors:
-            result.setdefault("errors", {})[f"sinks_4+{W}"] = [round(x, 5) for x in err.tolist()]
-            result[f"sinks_4+{W}"]["all"]["largest"] = largest(err)
+        result[f"sinks_4+{W}"]["all"]["largest"] = largest(err, seeds=seeds)
         if "dense_inside_window" not in result:
-            result["dense_inside_window"] = stats((dense - want).abs()[inside])
+            dense_inside = torch.cat([(d - r).abs() for d, r in zip(dense, want, strict=True)])[inside]
+            result["dense_inside_window"] = stats(dense_inside)
             result["dense_inside_window"]["positions"] = f"< {4 + W + 1}"
         d = result.get("dense_all", result["dense_inside_window"])
         s = result[f"sinks_4+{W}"]["all"]
         result[f"sinks_4+{W}"]["ratio_to_dense"] = {"p99": round(s["p99"] / d["p99"], 3),
                                                     "max": round(s["max"] / d["max"], 3)}  # fmt: skip
+        if "dense_all" in result and len(seeds) > 1:
+            result[f"sinks_4+{W}"]["max_ratio_per_prompt"] = [
+                round(per_prompt[str(x)][f"sinks_4+{W}"]["max"] / per_prompt[str(x)]["dense_all"]["max"], 3)
+                for x in seeds
+            ]
         print(json.dumps({k: v for k, v in result.items() if k.startswith(("sinks", "dense"))}), flush=True)
+    if len(seeds) > 1:
+        result["per_prompt"] = per_prompt
     return emit(result, a.out)
 
 

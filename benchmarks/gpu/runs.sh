@@ -10,6 +10,8 @@
 #   equality       the GPU equality test (5 configurations, bf16 vs the float32 reference)
 #   model_error_all  the random model's error with a 4,096-token trained context, so that dense is compared with
 #                  full attention at every position (like for like with SINKS' "all"), each position's error kept
+#   model_error_seeds  the same over five prompts (seeds 11-15), pooled and per prompt: the largest error of one
+#                  prompt is one extreme of a noisy sample (benchmarks/model_error_floor.py shows how noisy)
 #   sessions_test  the GPU sessions test (model runner V2's token rows, the pinned staging, replies vs vLLM's own)
 #   band_sweep     band_sink_attention's launch shapes at 16k context (prefill_ab.py --band-sweep); writes the
 #                  fastest at the default heads per program to OUT/band_best.txt
@@ -47,7 +49,8 @@
 # file travels split in .qdata/ (ignored; made by `bash benchmarks/gpu/stage_qwen.sh`), one part per call:
 #   stash_data     copy the .qdata files this call carried to /root/qstash (before the bundle is installed)
 #   qwen_prepare   assemble the GGUF from /root/qstash, check its sha256, dequantize it (prepare.py --model)
-#   qwen_error     model-level error vs the float64 reference (GPU), W = 1020 and 1023, KJV prompt
+#   qwen_error     model-level error vs the float64 reference (GPU), W = 1020 and 1023, KJV prompt (QWEN_SEEDS:
+#                  runs of 3,000 tokens of the text, default 0; e.g. 0,1,2,3,4 pools five)
 #   qwen_ppl       1M-token streaming perplexity: 4+1020, 0+1020, dense to the trained context (32k)
 #   qwen_demo EXP...  examples/streaming_demo.py past the trained context (EXP: sinks windowed dense)
 set -uo pipefail
@@ -85,6 +88,12 @@ case $STEP in
       --out "$OUT/model_error_all.json" > "$OUT/model_error_all.log" 2>&1
     grep -E '^\{"(sinks|dense)' "$OUT/model_error_all.log" | tail -1 | cut -c1-1500
     tail -3 "$OUT/model_error_all.log" | grep -i error
+    ;;
+  model_error_seeds)
+    python3 benchmarks/gpu/model_error.py --trained-context 4096 --reference-device cuda --seeds 11,12,13,14,15 \
+      --save-errors --out "$OUT/model_error_seeds.json" > "$OUT/model_error_seeds.log" 2>&1
+    grep -E '^\{"(sinks|dense)' "$OUT/model_error_seeds.log" | tail -1 | cut -c1-1500
+    tail -3 "$OUT/model_error_seeds.log" | grep -i error
     ;;
   sessions_test)
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sessions.py 2>&1 | tee "$OUT/gpu_sessions_test.log" | tail -15
@@ -228,7 +237,7 @@ PY
     ;;
   qwen_error)
     python3 benchmarks/gpu/model_error.py --model "$VLLM_SINKS_DATA/$QWEN" --windows 1020,1023 --save-errors \
-      --out "$OUT/model_error_qwen15.json" > "$OUT/model_error_qwen15.log" 2>&1
+      --seeds "${QWEN_SEEDS:-0}" --out "$OUT/model_error_qwen15.json" > "$OUT/model_error_qwen15.log" 2>&1
     grep -E '^\{"(sinks|dense)' "$OUT/model_error_qwen15.log" | tail -1
     ;;
   qwen_ppl)

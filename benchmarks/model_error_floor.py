@@ -19,7 +19,10 @@ vLLM's CUDA op (bf16 cos/sin table, each product and the difference rounded); SI
   dense_fp32rope   dense with SINKS' rotary rounding, to separate the rotary's share
 Every figure is |logprob(emulated) - logprob(float64 reference)| of each prompt token; several prompts
 (seeds), since a max over 3,000 positions is one extreme of a noisy sample.
-    python benchmarks/model_error_floor.py --seeds 11,12,13,14,15 --out floor.json    (random model, ~15 min)
+    python benchmarks/model_error_floor.py --seeds 11,12,13,14,15 --out floor.json    (random model, ~50 min)
+    python benchmarks/model_error_floor.py --seeds 11 --save-errors --out floor11.json
+    python benchmarks/model_error_floor.py --compare GPU.json floor11.json   (GPU.json: model_error.py
+        --trained-context 4096 --save-errors, the same prompt)
 """
 
 from __future__ import annotations
@@ -248,6 +251,37 @@ def references(path: str, prompt: list[int], windows: list[int], batched: bool) 
     return out
 
 
+def compare(gpu_json: str, floor_json: str) -> dict:
+    """Pearson and Spearman correlations, position by position, of a GPU run's errors (model_error.py
+    --save-errors, one prompt) with this script's (--save-errors, the same prompt): how closely the emulation
+    follows the GPU's kernels, next to how closely two emulated variants follow each other."""
+    import numpy as np
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        return np.argsort(np.argsort(x)).astype(float)
+
+    gpu = json.load(open(gpu_json))["errors"]
+    emu = json.load(open(floor_json))["errors"]
+    out = {}
+    pairs = [("dense_all", "dense"), ("dense_all", "dense_fp32rope")]
+    for name in gpu:
+        if name.startswith("sinks_4+"):
+            W = name.split("+")[1]
+            pairs += [(name, f"sinks_split_4+{W}"), (name, f"sinks_single_4+{W}")]
+    for g, e in pairs:
+        if g in gpu and e in emu:
+            x, y = np.array(gpu[g]), np.array(emu[e])
+            out[f"gpu {g} ~ emulated {e}"] = {
+                "pearson": round(float(np.corrcoef(x, y)[0, 1]), 3),
+                "spearman": round(float(np.corrcoef(ranks(x), ranks(y))[0, 1]), 3),
+            }
+    for a, b in [("dense", "dense_fp32rope"), ("sinks_split_4+1020", "sinks_single_4+1020")]:
+        if a in emu and b in emu:
+            x, y = np.array(emu[a]), np.array(emu[b])
+            out[f"emulated {a} ~ emulated {b}"] = {"pearson": round(float(np.corrcoef(x, y)[0, 1]), 3)}
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=3000)
@@ -263,9 +297,16 @@ def main(argv=None) -> dict:
                    "against the token-by-token reference)")  # fmt: skip
     p.add_argument("--save-errors", action="store_true",
                    help="also write each position's absolute error (first seed only)")  # fmt: skip
+    p.add_argument("--compare", nargs=2, metavar=("GPU_JSON", "FLOOR_JSON"), default=None,
+                   help="only print the position-by-position correlations of a GPU run's errors with this "
+                   "script's (both with --save-errors, one prompt)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.compare:
+        out = compare(*a.compare)
+        print(json.dumps(out, indent=1))
+        return out
     if a.threads:
         torch.set_num_threads(a.threads)
     from model_error import build_model

@@ -151,8 +151,17 @@ def test_model_error_floor_smoke(tmp_path):
     import model_error_floor as floor
 
     out = tmp_path / "floor.json"
-    res = floor.main(["--tokens", "140", "--windows", "100", "--root", str(tmp_path), "--out", str(out)])
+    res = floor.main(["--tokens", "140", "--windows", "100", "--root", str(tmp_path), "--save-errors",
+                      "--out", str(out)])  # fmt: skip
     saved = json.loads(out.read_text())
     assert saved == res and set(saved["seeds"]["11"]) == {
         "dense", "dense_fp32rope", "sinks_split_4+100", "sinks_single_4+100"
     }  # fmt: skip
+    gpu = tmp_path / "gpu.json"  # a GPU run's errors, here the emulation's own: correlation 1
+    errors = saved["errors"]
+    gpu.write_text(
+        json.dumps({"errors": {"dense_all": errors["dense"], "sinks_4+100": errors["sinks_split_4+100"]}})
+    )
+    corr = floor.main(["--compare", str(gpu), str(out)])
+    assert corr["gpu sinks_4+100 ~ emulated sinks_split_4+100"] == {"pearson": 1.0, "spearman": 1.0}
+    assert corr["gpu dense_all ~ emulated dense"]["pearson"] == 1.0

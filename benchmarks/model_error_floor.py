@@ -300,6 +300,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compare", nargs=2, metavar=("GPU_JSON", "FLOOR_JSON"), default=None,
                    help="only print the position-by-position correlations of a GPU run's errors with this "
                    "script's (both with --save-errors, one prompt)")  # fmt: skip
+    p.add_argument("--check-reference", type=int, default=None, metavar="N",
+                   help="only compare the batched float64 forward with tests/reference.py on the first N "
+                   "tokens of the first prompt (full attention and S=4, W=60), e.g. for --model")  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -327,6 +330,15 @@ def main(argv=None) -> dict:
         "seeds": {},
         **provenance(__file__, argv),
     }
+    if a.check_reference:
+        prompt = prompt_for(a, path, int((a.seeds or ("0" if a.model else "11")).split(",")[0]))
+        prompt = prompt[: a.check_reference]
+        batched_refs = references(path, prompt, [60], batched=True)
+        token_refs = references(path, prompt, [60], batched=False)
+        diff = {str(W): float((batched_refs[W] - token_refs[W]).abs().max()) for W in batched_refs}
+        result["check_reference"] = {"tokens": len(prompt), "max_abs_diff": diff}
+        print(json.dumps(result["check_reference"]), flush=True)
+        return emit(result, a.out)
     model = None
     for seed in (int(x) for x in (a.seeds or ("0" if a.model else "11")).split(",")):
         prompt = prompt_for(a, path, seed)

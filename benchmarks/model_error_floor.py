@@ -56,7 +56,7 @@ def keep(x: torch.Tensor) -> torch.Tensor:
 class EmulatedLlama:
     """Whole-sequence forward of a Llama/Qwen2 checkpoint. bf16 mode (exact=False): weights in bf16 and
     float32 arithmetic rounded at vLLM's points (module docstring). exact=True: float64 throughout, no
-    rounding (the batched reference; tests/test_model_error_floor.py checks it against tests/reference.py).
+    rounding (the batched reference; tests/test_benchmarks_smoke.py checks it against tests/reference.py).
     `attention` is a callable (model, q, k, v, positions) -> [n, H * D] of unrotated q/k/v."""
 
     def __init__(self, model_dir: str, exact: bool = False) -> None:
@@ -65,7 +65,6 @@ class EmulatedLlama:
 
         with open(os.path.join(model_dir, "config.json")) as f:
             c = json.load(f)
-        self.exact = exact
         self.dtype = torch.float64 if exact else torch.float32
         self.rnd = keep if exact else rnd
         weights = load_file(os.path.join(model_dir, "model.safetensors"))
@@ -218,18 +217,6 @@ def stats(err: torch.Tensor) -> dict:
             "max": round(err.max().item(), 5), "argmax": int(err.argmax()) + 1}  # fmt: skip
 
 
-def prompt_for(a: argparse.Namespace, path: str, seed: int) -> list[int]:
-    """Random ids (seed 11 is model_error.py's prompt) or, for --model, the KJV text's seed-th run of tokens
-    (seed 0 is model_error.py's)."""
-    if a.model:
-        sys.path.insert(0, os.path.join(HERE, "quality"))
-        from prepare import kjv_tokens
-
-        return kjv_tokens(path)[seed * a.tokens : (seed + 1) * a.tokens]
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 380, (a.tokens,), generator=g).tolist()
-
-
 def references(path: str, prompt: list[int], windows: list[int], batched: bool) -> dict:
     """The float64 logprobs per window (None: full attention): tests/reference.py token by token, or the
     batched exact forward (for models too large to run token by token here)."""
@@ -293,7 +280,7 @@ def main(argv=None) -> dict:
                    help="the random model's (4096: dense compared at every position)")  # fmt: skip
     p.add_argument("--reference", choices=["token", "batched"], default=None,
                    help="token: tests/reference.py (default for the random model); batched: this script's "
-                   "exact float64 forward (default with --model; tests/test_model_error_floor.py checks it "
+                   "exact float64 forward (default with --model; tests/test_benchmarks_smoke.py checks it "
                    "against the token-by-token reference)")  # fmt: skip
     p.add_argument("--save-errors", action="store_true",
                    help="also write each position's absolute error (first seed only)")  # fmt: skip
@@ -312,10 +299,11 @@ def main(argv=None) -> dict:
         return out
     if a.threads:
         torch.set_num_threads(a.threads)
-    from model_error import build_model
+    from model_error import build_model, make_prompts
     from run_record import emit, provenance
 
     path = a.model or build_model(a.root, a.trained_context)
+    seeds = [int(x) for x in (a.seeds or ("0" if a.model else "11")).split(",")]
     batched = (a.reference or ("batched" if a.model else "token")) == "batched"
     windows = [int(x) for x in a.windows.split(",")]
     variants = {"dense": (None, dense("vllm")), "dense_fp32rope": (None, dense("fp32"))}
@@ -331,8 +319,7 @@ def main(argv=None) -> dict:
         **provenance(__file__, argv),
     }
     if a.check_reference:
-        prompt = prompt_for(a, path, int((a.seeds or ("0" if a.model else "11")).split(",")[0]))
-        prompt = prompt[: a.check_reference]
+        prompt = make_prompts(path, bool(a.model), seeds[:1], a.tokens)[0][: a.check_reference]
         batched_refs = references(path, prompt, [60], batched=True)
         token_refs = references(path, prompt, [60], batched=False)
         diff = {str(W): float((batched_refs[W] - token_refs[W]).abs().max()) for W in batched_refs}
@@ -340,8 +327,7 @@ def main(argv=None) -> dict:
         print(json.dumps(result["check_reference"]), flush=True)
         return emit(result, a.out)
     model = None
-    for seed in (int(x) for x in (a.seeds or ("0" if a.model else "11")).split(",")):
-        prompt = prompt_for(a, path, seed)
+    for seed, prompt in zip(seeds, make_prompts(path, bool(a.model), seeds, a.tokens), strict=True):
         refs = references(path, prompt, windows, batched)
         model = model or EmulatedLlama(path)
         per: dict = {}

@@ -111,6 +111,20 @@ def largest(err: torch.Tensor, k: int = 5, seeds: list[int] | None = None) -> li
     ]
 
 
+def make_prompts(path: str, kjv: bool, seeds: list[int], tokens: int) -> list[list[int]]:
+    """One prompt of `tokens` ids per seed: the KJV text's seed-th run of tokens (seed 0: its start) in the
+    model's tokenizer, or seeded random ids (seed 11: the prompt of the runs before 2026-12-05)."""
+    if kjv:
+        sys.path.insert(0, os.path.join(HERE, "..", "quality"))
+        from prepare import kjv_tokens
+
+        text = kjv_tokens(path)
+        return [text[s * tokens : (s + 1) * tokens] for s in seeds]
+    return [
+        torch.randint(3, 380, (tokens,), generator=torch.Generator().manual_seed(s)).tolist() for s in seeds
+    ]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=3000)
@@ -140,15 +154,7 @@ def main(argv=None) -> dict:
     path = a.model or build_model(a.root, a.trained_context)
     kjv = (a.text or ("kjv" if a.model else "random")) == "kjv"
     seeds = [int(x) for x in (a.seeds or ("0" if kjv else "11")).split(",")]
-    if kjv:
-        sys.path.insert(0, os.path.join(HERE, "..", "quality"))
-        from prepare import kjv_tokens
-
-        text = kjv_tokens(path)
-        prompts = [text[s * a.tokens : (s + 1) * a.tokens] for s in seeds]
-    else:
-        prompts = [torch.randint(3, 380, (a.tokens,), generator=torch.Generator().manual_seed(s)).tolist()
-                   for s in seeds]  # fmt: skip
+    prompts = make_prompts(path, kjv, seeds, a.tokens)
     ref_device = a.reference_device or ("cuda" if a.model else "cpu")
     result: dict = {
         "benchmark": "model-level logprob error vs float64 reference",

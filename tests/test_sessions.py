@@ -5,8 +5,9 @@
   never feeds back), far past S + W; each reply is as long as its own message's max_tokens;
 * closing a session, or abandoning a reply mid-stream (the session is then aborted), returns every KV
   block; a second message while a reply streams is refused and the session stays usable;
-* a 50,000-token session of short turns: the time per turn stays flat (the last 10 turns within 20% of the
-  first 10), blocks held stay bounded, and its first 2,000 tokens equal the reference.
+* a 50,000-token session of short turns: the time per turn stays flat (10 turns past 50,000 tokens within
+  20% of a fresh session's first 10, the two alternated), blocks held stay bounded, and its first 2,000
+  tokens equal the reference.
 """
 
 from __future__ import annotations
@@ -126,31 +127,45 @@ def test_session_equals_one_streamingllm_stream_and_returns_its_blocks(engine):
 
 
 def test_50k_token_session_turn_time_stays_flat(engine):
+    """The issue's CPU target: after 50,000 tokens a session's turns take within 20% of a session's first
+    turns. The 10 last turns alternate with the 10 first turns of a fresh session, so both see the same load
+    on a shared host: measured one after the other, 10-turn medians of one session wander by +-20% with no
+    trend in its length (58-80 ms per 50 turns on a 2-core CI host, 2026-12-05), which failed CI once."""
     from vllm_sinks.sessions import Session
 
     eng, path, loop = engine
+    g = torch.Generator().manual_seed(5)
+
+    async def turn(session, turns: list | None = None) -> float:
+        m = torch.randint(3, 380, (80,), generator=g).tolist()
+        t0 = time.perf_counter()
+        async for reply in session.send(m, max_tokens=20):  # noqa: B007 - the last one is kept
+            pass
+        if turns is not None:
+            turns.append((m, reply.token_ids))
+        return time.perf_counter() - t0
 
     async def run():
-        g = torch.Generator().manual_seed(5)
         session = Session(eng, temperature=0.0, ignore_eos=True)
-        turns, times, total = [], [], 0
+        turns, total = [], 0
         while total < 50_000:
-            m = torch.randint(3, 380, (80,), generator=g).tolist()
-            t0 = time.perf_counter()
-            async for reply in session.send(m, max_tokens=20):  # noqa: B007 - the last one is kept
-                pass
-            times.append(time.perf_counter() - t0)
-            turns.append((m, reply.token_ids))
-            total += len(m) + len(reply.token_ids) - 1
+            await turn(session, turns)
+            total += len(turns[-1][0]) + len(turns[-1][1]) - 1
+        fresh = Session(eng, temperature=0.0, ignore_eos=True)
+        await turn(fresh)  # its turn 0, like the engine's first turn, is not counted
+        last, first = [], []
+        for _ in range(10):
+            last.append(await turn(session, turns))
+            first.append(await turn(fresh))
+        await fresh.close()
         held = await settle()
         await session.close()
-        return turns, times, total, held
+        return turns, total, sorted(first)[4:6], sorted(last)[4:6], held
 
-    turns, times, total, held = loop.run_until_complete(run())
-    first, last = sorted(times[1:11])[4:6], sorted(times[-10:])[4:6]  # medians of 10 (turn 0: warm-up)
-    ratio = (sum(last) / 2) / (sum(first) / 2)
-    print(f"{len(turns)} turns, {total} tokens: median turn {sum(first) / 2 * 1e3:.1f} ms (turns 1-10) vs "
-          f"{sum(last) / 2 * 1e3:.1f} ms (last 10), x{ratio:.2f}; blocks held {held}")  # fmt: skip
+    turns, total, first, last, held = loop.run_until_complete(run())
+    ratio = sum(last) / sum(first)  # medians of 10 turns each
+    print(f"{len(turns)} turns, {total} tokens: median turn {sum(last) / 2 * 1e3:.1f} ms past 50k vs "
+          f"{sum(first) / 2 * 1e3:.1f} ms (a fresh session), x{ratio:.2f}; blocks held {held}")  # fmt: skip
     assert total >= 50_000 and ratio < 1.2
     assert held <= 1 + -(-(W + 2 + 1) // B) + 1
     assert reference_check(path, turns, 2000) >= 2000 // 100 * 20

@@ -10,7 +10,7 @@ memory of the front end, engine core and workers (bytes per session token betwee
 --handoff stock runs the same with vLLM's own hand-off of a resumed session (the whole prompt as a Python
 list each turn; VLLM_SINKS_STOCK_SESSION_HANDOFF=1) for an A/B on one host. --block-rows sparse or lists sets
 VLLM_SINKS_BLOCK_ROWS: a long session's block ids handed over as block_rows.SparseBlockRow or as vLLM's list
-of every id (default: sparse on CPU, lists under model runner V2).
+of every id (default: sparse).
 
     python benchmarks/bench_session_turns.py --shape llama3-8b --checkpoints 16384,262144,1048576   (GPU)
     python benchmarks/bench_session_turns.py --checkpoints 4096,65536,262144                          (CPU)

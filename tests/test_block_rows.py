@@ -7,8 +7,8 @@
 * in an engine, a resent stream's cache hit (sinks + nulls + window) reaches the worker as one: see
   test_block_policy.test_cache_hit_reaches_the_worker_as_a_sparse_row; replies equal with and without it:
   test_prefix_cache (caching on vs off).
-The model runner V2 writer (stage_into_block_tables) needs CUDA: tests/test_gpu_sessions.py (not yet run on a
-GPU; V2 keeps vLLM's lists unless VLLM_SINKS_BLOCK_ROWS=sparse).
+The model runner V2 writer (stage_into_block_tables) needs CUDA: tests/test_gpu_sessions.py (passed on an
+H200, 2026-12-05). Rows are sparse by default under both runners; VLLM_SINKS_BLOCK_ROWS=lists keeps vLLM's.
 """
 
 from __future__ import annotations
@@ -81,13 +81,13 @@ def test_sparse_row_only_for_one_null_run_after_the_head():
     assert SparseKVCacheBlocks(([], []), (1, None)).get_block_ids(allow_none=True) is None
 
 
-def test_sparse_rows_by_default_under_v1_and_on_request_under_v2(monkeypatch):
+def test_sparse_rows_by_default_and_lists_on_request(monkeypatch):
     monkeypatch.delenv("VLLM_SINKS_BLOCK_ROWS", raising=False)
-    assert enabled(use_v2_model_runner=False) and not enabled(use_v2_model_runner=True)
+    assert enabled()
     monkeypatch.setenv("VLLM_SINKS_BLOCK_ROWS", "sparse")
-    assert enabled(False) and enabled(True)
+    assert enabled()
     monkeypatch.setenv("VLLM_SINKS_BLOCK_ROWS", "lists")
-    assert not enabled(False) and not enabled(True)
+    assert not enabled()
     monkeypatch.setenv("VLLM_SINKS_BLOCK_ROWS", "yes")
     with pytest.raises(ValueError, match="expected 'sparse'"):
-        enabled(False)
+        enabled()

@@ -152,12 +152,11 @@ def _session_replies(model: str, stock_handoff: bool) -> tuple[list[list[int]], 
         await session.close()
         return replies, engine.vllm_config.use_v2_model_runner
 
-    # Read by the engine core when it starts: vLLM's own hand-off, or the plugin's with sparse block rows
-    # (model runner V2 keeps lists by default until this test has run on a GPU: block_rows.enabled).
+    # Read by the engine core when it starts: vLLM's own hand-off with its block-id lists, or the plugin's
+    # defaults (int32 tokens, sparse block rows: block_rows.enabled).
     if stock_handoff:
         os.environ["VLLM_SINKS_STOCK_SESSION_HANDOFF"] = "1"
-    else:
-        os.environ["VLLM_SINKS_BLOCK_ROWS"] = "sparse"
+        os.environ["VLLM_SINKS_BLOCK_ROWS"] = "lists"
     try:
         return run_on_engine(args, work)
     finally:

@@ -14,8 +14,9 @@ converts to an int32 array with one fill (`__array__`, what model runner V1's Bl
 `stage_into_block_tables` writes it into model runner V2's block table as two staged writes plus one fill
 of the null run on the device. Building one costs O(window blocks) plus a C-speed check of the run.
 
-Model runner V2's writer has not yet run on a GPU (2026-12-05: no device was lent), so under V2 the rows stay
-vLLM's lists unless VLLM_SINKS_BLOCK_ROWS=sparse (`enabled`); under V1 (the CPU path) they are sparse.
+Rows go sparse under both model runners unless VLLM_SINKS_BLOCK_ROWS=lists (`enabled`). On an H200 (8B shape,
+2026-12-05) a live session's time to first token stayed 43-46 ms from 16k to 4M tokens of history with sparse
+rows, against 37 -> 82 ms with lists (benchmarks/results/session_turns_*_h200_2026-12-05_block_rows.json).
 
 Invariants: row[i] == null_id for len(head) <= i < tail_start, row[:len(head)] == head,
 row[tail_start:] == tail, len(row) == tail_start + len(tail).
@@ -32,27 +33,25 @@ import numpy as np
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
 
-def enabled(use_v2_model_runner: bool) -> bool:
-    """Whether the scheduler hands long rows over as SparseBlockRow: VLLM_SINKS_BLOCK_ROWS=sparse or lists;
-    unset: sparse for model runner V1, lists for V2 (its writer is not yet verified on a GPU)."""
+def enabled() -> bool:
+    """Whether the scheduler hands long rows over as SparseBlockRow: VLLM_SINKS_BLOCK_ROWS=sparse (the
+    default) or lists (vLLM's list of every id, for an A/B)."""
     choice = os.environ.get("VLLM_SINKS_BLOCK_ROWS", "").strip()
     if choice not in ("", "sparse", "lists"):
         raise ValueError(
             f"VLLM_SINKS_BLOCK_ROWS={choice!r}: expected 'sparse' (a long stream's block ids as sink blocks, "
             "null run and window blocks) or 'lists' (vLLM's list of every id); unset it for the default"
         )
-    if choice:
-        return choice == "sparse"
-    return not use_v2_model_runner
+    return choice != "lists"
 
 
-def row_heads(managers: Sequence[Any], use_v2_model_runner: bool) -> tuple[int | None, ...] | None:
+def row_heads(managers: Sequence[Any]) -> tuple[int | None, ...] | None:
     """Per KV-cache group (its single-type manager), the head of the rows handed over as SparseBlockRow: a
     SinkWindowManager's sink blocks, None for a group that is not SINKS'. None where no group is SINKS' or
     rows stay lists (`enabled`)."""
     from vllm_sinks.kv_cache import SinkWindowManager
 
-    if not enabled(use_v2_model_runner):
+    if not enabled():
         return None
     heads = tuple(m.num_sink_blocks if isinstance(m, SinkWindowManager) else None for m in managers)
     return heads if any(h is not None for h in heads) else None

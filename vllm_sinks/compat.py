@@ -408,8 +408,7 @@ def _patch_block_rows() -> None:
     and converts it with torch.tensor; it is written with block_rows.stage_into_block_tables instead.
     Model runner V1 takes the row as it is (BlockTable.add_row converts it with numpy through __array__;
     CachedRequestState extends it). The heads are decided in Scheduler.__init__ (_vllm_sinks_row_heads),
-    where block_rows.enabled says whether rows go sparse (VLLM_SINKS_BLOCK_ROWS; V2 keeps lists by default
-    until its writer has run on a GPU)."""
+    where block_rows.enabled says whether rows go sparse (VLLM_SINKS_BLOCK_ROWS=lists keeps vLLM's lists)."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
     from vllm_sinks import block_rows
@@ -443,11 +442,11 @@ def _patch_block_rows() -> None:
 
 
 def _sparse_row_heads(scheduler) -> tuple[int | None, ...] | None:
-    """block_rows.row_heads for this Scheduler's KV-cache groups and model runner."""
+    """block_rows.row_heads for this Scheduler's KV-cache groups."""
     from vllm_sinks import block_rows
 
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    return block_rows.row_heads(managers, scheduler.use_v2_model_runner)
+    return block_rows.row_heads(managers)
 
 
 def _session_block_hashes_kept(scheduler) -> tuple[int, int] | None:

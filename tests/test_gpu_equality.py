@@ -35,7 +35,8 @@ def engine(request, model_dir):
         max_num_seqs=8,
         max_logprobs=-1,
         max_num_batched_tokens=512,
-        gpu_memory_utilization=0.3,
+        gpu_memory_utilization=0.15,  # with a fixed KV size (no profiling): engines may run side by side
+        kv_cache_memory_bytes=2 * 2**30,
         additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}},
         enable_prefix_caching=False,
     )

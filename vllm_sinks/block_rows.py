@@ -169,16 +169,69 @@ class SparseKVCacheBlocks(KVCacheBlocks):
         return sparse_block_ids(self.blocks, self.num_heads)
 
 
+STAGED_WRITES_PER_ROW = 2
+"""Staged writes one SparseBlockRow takes in a V2 block table (its head and its tail); a list takes one."""
+
+
+def _pool_capacity(pool: Any) -> int:
+    """Writes a vLLM UvaBufferPool of staged-write metadata holds (its first dimension)."""
+    return pool.size if isinstance(pool.size, int) else int(pool.size[0])
+
+
+def widen_staging(block_tables: Any) -> None:
+    """Sizes model runner V2's staged-write buffers for sparse rows.
+
+    vLLM sizes each block table's write metadata (StagedWriteTensor.write_indices / write_starts /
+    write_cu_lens, UvaBufferPools) and the multi-group FusedStagedWriter for one staged write per request
+    and step: `max_num_reqs` rows (times the groups). A step stages at most one write per scheduled request
+    and group under vLLM's lists, but STAGED_WRITES_PER_ROW for a SparseBlockRow, so a step that hands over
+    more than max_num_reqs / 2 resumed long streams overflowed the buffers (UvaBufferPool.copy_to_uva:
+    "could not broadcast input array from shape (42,) into shape (32,)", the engine dead). After this every
+    pool holds STAGED_WRITES_PER_ROW x its rows: a bound on any step (each scheduled request stages at most
+    that many writes per group, and a step schedules at most max_num_reqs requests). Called once, right
+    after BlockTables is built and before any write is staged (the pools are read by in-flight kernels
+    through UVA, so they are never replaced later). A few KiB of pinned memory."""
+    from vllm.v1.worker.gpu.buffer_utils import FusedStagedWriter, UvaBufferPool
+
+    for table in block_tables.block_tables:
+        rows = STAGED_WRITES_PER_ROW * table.num_rows
+        for name in ("write_indices", "write_starts", "write_cu_lens"):
+            pool = getattr(table, name)
+            if _pool_capacity(pool) < rows:
+                setattr(table, name, UvaBufferPool(rows, pool.dtype, pool.max_concurrency))
+    fused = block_tables.fused_writer
+    if fused is not None:
+        writes = STAGED_WRITES_PER_ROW * block_tables.num_kv_cache_groups * block_tables.max_num_reqs
+        if _pool_capacity(fused.indices) < writes:
+            block_tables.fused_writer = FusedStagedWriter(
+                fused.device, writes, max_concurrency=fused.indices.max_concurrency
+            )
+
+
+def _staging_has_room(block_tables: Any, rows: tuple[Sequence[int], ...]) -> bool:
+    """Whether every group's staged writes, and the fused writer's, can take these rows' writes this step."""
+    total = 0
+    for table, row in zip(block_tables.block_tables, rows, strict=True):
+        writes = STAGED_WRITES_PER_ROW if isinstance(row, SparseBlockRow) else 1
+        staged = len(table._staged_write_indices) + writes
+        if staged > _pool_capacity(table.write_indices):
+            return False
+        total += staged
+    fused = block_tables.fused_writer
+    return fused is None or total <= _pool_capacity(fused.indices)
+
+
 def stage_into_block_tables(block_tables: Any, req_index: int, rows: tuple[Sequence[int], ...]) -> bool:
     """Writes a new request's rows into model runner V2's BlockTables (what append_block_ids does with
     overwrite=True): a SparseBlockRow as its head and tail (staged, applied with the step's other writes)
     and its null run filled on the device now, on the current stream (before the staged writes, which do
-    not touch the run). Returns False, writing nothing, where a group splits its blocks for the kernel
-    (the caller then hands over plain lists)."""
+    not touch the run). Returns False, writing nothing, where a group splits its blocks for the kernel or
+    the step's staged-write buffers have no room for two writes (buffers `widen_staging` did not size);
+    the caller then hands over plain lists, one write each, as vLLM does."""
     if any(
         isinstance(row, SparseBlockRow) and block_tables.blocks_per_kv_block[i] != 1
         for i, row in enumerate(rows)
-    ):
+    ) or not _staging_has_room(block_tables, rows):
         return False
     for i, row in enumerate(rows):
         table = block_tables.block_tables[i]

@@ -408,7 +408,12 @@ def _patch_block_rows() -> None:
     and converts it with torch.tensor; it is written with block_rows.stage_into_block_tables instead.
     Model runner V1 takes the row as it is (BlockTable.add_row converts it with numpy through __array__;
     CachedRequestState extends it). The heads are decided in Scheduler.__init__ (_vllm_sinks_row_heads),
-    where block_rows.enabled says whether rows go sparse (VLLM_SINKS_BLOCK_ROWS=lists keeps vLLM's lists)."""
+    where block_rows.enabled says whether rows go sparse (VLLM_SINKS_BLOCK_ROWS=lists keeps vLLM's lists).
+    vllm.v1.worker.gpu.block_table.BlockTables.__init__ (built by model runner V2's initialize_kv_cache, under
+    the worker's current VllmConfig) sizes its staged-write buffers for one write per request and step; a
+    sparse row stages two, so under SINKS they are widened right after (block_rows.widen_staging).
+    Upstream, StagedWriteTensor sizing its write buffers by the writes staged (or taking a max_writes
+    argument) would remove that patch."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
     from vllm_sinks import block_rows
@@ -428,6 +433,18 @@ def _patch_block_rows() -> None:
         from vllm.v1.worker.gpu.block_table import BlockTables
     except ImportError:  # a build without model runner V2 (e.g. CPU)
         return
+    original_init = BlockTables.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()  # set by WorkerWrapperBase.initialize_from_config
+        if config is not None and sinks_active(config) and block_rows.enabled():
+            block_rows.widen_staging(self)
+
+    BlockTables.__init__ = __init__
     original_append = BlockTables.append_block_ids
 
     @functools.wraps(original_append)

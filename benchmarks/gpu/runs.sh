@@ -25,6 +25,8 @@
 #   band_check [TILING]  the GPU kernel test and prefill_ab.py with VLLM_SINKS_BAND_TILING=TILING (default:
 #                  OUT/band_best.txt)
 #   paused         paused chats, 32 and 64 chats x 65,536-token histories (S=4, W=4092)
+#   bursts         64 chats x 65,536 tokens coming back at once with max_num_seqs 64, 16 chats with max_num_seqs 8
+#   stress [STEPS] the GPU stress test (tests/test_gpu_stress.py: 8B shape, model runner V2, STEPS per row mode)
 #   capacity       100 chats x 65,536-token uncached prompts arriving together
 #   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
 #   growing MODE   serving: 64 chats growing past 32k tokens by 1-4k per turn, 20% dropped (MODE: sinks,
@@ -148,6 +150,18 @@ PY
     python3 benchmarks/gpu/prefill_ab.py --out "$OUT/prefill_ab_default.json" 2>&1 | tail -2
     VLLM_SINKS_BAND_TILING=$TILING python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py 2>&1 \
       | tee "$OUT/gpu_kernels_test_tiling.log" | tail -4
+    ;;
+  bursts)
+    python3 benchmarks/bench_paused_chats.py --chats 64 --history 65536 --max-num-seqs 64 --out "$OUT/burst_64_seqs64.json" \
+      > "$OUT/burst_64_seqs64.log" 2>&1
+    grep -E '^\{"chats"|Error' "$OUT/burst_64_seqs64.log" | tail -3
+    python3 benchmarks/bench_paused_chats.py --chats 16 --history 65536 --max-num-seqs 8 --out "$OUT/burst_16_seqs8.json" \
+      > "$OUT/burst_16_seqs8.log" 2>&1
+    grep -E '^\{"chats"|Error' "$OUT/burst_16_seqs8.log" | tail -3
+    ;;
+  stress)
+    STRESS_STEPS=${3:-600} python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_stress.py 2>&1 \
+      | tee "$OUT/gpu_stress_test.log" | grep -E "^GPU |passed|failed|Error" | tail -8
     ;;
   paused)
     python3 benchmarks/bench_paused_chats.py --chats 32,64 --history 65536 --out "$OUT/paused_chats.json" > "$OUT/paused_chats.log" 2>&1

@@ -139,7 +139,8 @@ def _session_replies(model: str, stock_handoff: bool) -> tuple[list[list[int]], 
     messages = [[rng.randrange(3, 380) for _ in range(2500)]]
     messages += [[rng.randrange(3, 380) for _ in range(rng.randrange(20, 200))] for _ in range(12)]
     args = AsyncEngineArgs(model=model, attention_backend="SINKS", dtype="bfloat16", block_size=16,
-                           max_model_len=20_000, max_num_seqs=4, gpu_memory_utilization=0.3,
+                           max_model_len=20_000, max_num_seqs=4, gpu_memory_utilization=0.15,
+                           kv_cache_memory_bytes=2 * 2**30,
                            additional_config={"sinks": {"sink_tokens": 4, "window_tokens": 252}})  # fmt: skip
 
     async def work(engine):

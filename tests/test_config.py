@@ -85,3 +85,18 @@ def test_band_tiling_override_is_validated(monkeypatch):
             BandTiling.from_env()
     monkeypatch.delenv("VLLM_SINKS_BAND_TILING")
     assert BandTiling.from_env() == BandTiling()
+
+
+def test_live_session_cap_leaves_request_slots():
+    """A live session waiting for its next message holds one of the engine's max_num_seqs request slots (vLLM
+    counts it against the limit), so the HTTP server's cap stays below max_num_seqs: half of it by default,
+    and a VLLM_SINKS_MAX_SESSIONS that would take every slot fails at start-up with what to change."""
+    from vllm_sinks.session_server import SessionLimits
+
+    assert SessionLimits.from_env({}).max_sessions == 64
+    assert SessionLimits.from_env({}, max_num_seqs=256).max_sessions == 64
+    assert SessionLimits.from_env({}, max_num_seqs=8).max_sessions == 4
+    assert SessionLimits.from_env({}, max_num_seqs=1).max_sessions == 0
+    assert SessionLimits.from_env({"VLLM_SINKS_MAX_SESSIONS": "7"}, max_num_seqs=8).max_sessions == 7
+    with pytest.raises(ValueError, match="choose 0 to 7 or raise --max-num-seqs"):
+        SessionLimits.from_env({"VLLM_SINKS_MAX_SESSIONS": "8"}, max_num_seqs=8)

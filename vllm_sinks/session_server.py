@@ -50,17 +50,37 @@ _SAMPLING_KEYS = (
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """Server-wide limits, read from the environment once."""
+    """Server-wide limits, read from the environment once.
+
+    Invariant: max_sessions < the engine's max_num_seqs. A live session waiting for its next message keeps
+    one of the engine's request slots (vLLM's scheduler counts sessions waiting for streaming input against
+    max_num_seqs, and model runner V2 keeps their state), so sessions as many as max_num_seqs would stall
+    every other request for good. The default is half the slots, at most 64."""
 
     max_sessions: int = 64
     idle_timeout_s: float = 600.0
     max_message_tokens: int = 8192
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> SessionLimits:
+    def from_env(
+        cls, environ: dict[str, str] | None = None, max_num_seqs: int | None = None
+    ) -> SessionLimits:
         env = os.environ if environ is None else environ
+        raw = env.get("VLLM_SINKS_MAX_SESSIONS")
+        if raw is None:
+            max_sessions = cls.max_sessions
+            if max_num_seqs is not None:
+                max_sessions = min(max_sessions, max_num_seqs // 2)
+        else:
+            max_sessions = int(raw)
+            if max_num_seqs is not None and not 0 <= max_sessions < max_num_seqs:
+                raise ValueError(
+                    f"VLLM_SINKS_MAX_SESSIONS={raw}: each live session waiting for its next message holds "
+                    f"one of the engine's --max-num-seqs {max_num_seqs} request slots, so that many sessions "
+                    f"would stall every other request; choose 0 to {max_num_seqs - 1} or raise --max-num-seqs"
+                )
         return cls(
-            max_sessions=int(env.get("VLLM_SINKS_MAX_SESSIONS", cls.max_sessions)),
+            max_sessions=max_sessions,
             idle_timeout_s=float(env.get("VLLM_SINKS_SESSION_IDLE_S", cls.idle_timeout_s)),
             max_message_tokens=int(env.get("VLLM_SINKS_MAX_MESSAGE_TOKENS", cls.max_message_tokens)),
         )
@@ -107,6 +127,10 @@ class SessionRegistry:
         return self.engine.get_tokenizer()
 
     def create(self, body: dict) -> LiveSession:
+        if self.limits.max_sessions == 0:
+            raise HTTPError(429, "live sessions are off on this server: VLLM_SINKS_MAX_SESSIONS=0, or "
+                            "--max-num-seqs below 2 (a waiting session holds a request slot); raise "
+                            "--max-num-seqs", "too_many_sessions")  # fmt: skip
         if len(self.sessions) >= self.limits.max_sessions:
             raise HTTPError(429, f"{len(self.sessions)} live sessions, the cap (VLLM_SINKS_MAX_SESSIONS="
                             f"{self.limits.max_sessions}); close one (DELETE /v1/sessions/ID) or wait for an "
@@ -334,5 +358,7 @@ class SinksSessionsPlugin:
         if engine_client is None:
             return
         names = getattr(args, "served_model_name", None) or [getattr(args, "model", "model")]
-        state.sinks_sessions = SessionRegistry(engine_client, SessionLimits.from_env(), names[0])
+        max_num_seqs = engine_client.vllm_config.scheduler_config.max_num_seqs
+        limits = SessionLimits.from_env(max_num_seqs=max_num_seqs)
+        state.sinks_sessions = SessionRegistry(engine_client, limits, names[0])
         _live_sessions_gauge(state.sinks_sessions)

@@ -1,5 +1,6 @@
-"""CPU-sized runs of the benchmark scripts, so they cannot rot. Figures are not asserted (timings belong in
-benchmarks/results/), only that each script runs end to end and writes a well-formed result."""
+"""CPU-sized runs of the benchmark scripts, so they cannot rot. No timing is asserted against a target
+(timings belong in benchmarks/results/); each script must run end to end, write the result it returns, and
+report figures consistent with the raw measurements they are derived from."""
 
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ def test_bench_decode_smoke(tmp_path):
          "--short-gen", "8", "--window-tokens", "40", "--model-root", str(tmp_path), "--out", str(out)]
     )  # fmt: skip
     saved = json.loads(out.read_text())
-    assert saved["mode"] == "sinks" and saved["decode_tok_s"] > 0 and saved == res
+    assert saved["mode"] == "sinks" and saved == res
     assert saved["engine_kwargs"]["attention_backend"] == "SINKS"
+    # The rate is the decoded tokens between the short and the long run over their time difference.
+    tokens = 2 * (24 - 8)
+    assert saved["t_long_s"] > saved["t_short_s"] > 0
+    assert saved["decode_tok_s"] == pytest.approx(tokens / (saved["t_long_s"] - saved["t_short_s"]), rel=0.02)
 
 
 def test_bench_endless_smoke(tmp_path):
@@ -38,7 +43,9 @@ def test_bench_endless_smoke(tmp_path):
     saved = json.loads(out.read_text())
     assert saved == res and [r["length"] for r in saved["rows"]] == [200, 400]
     for row in saved["rows"]:
-        assert row["decode_tok_s"] > 0 and row["decode_tokens_timed"] > 0
+        assert row["decode_tokens_timed"] == 2 * row["decode_steps_timed"] > 0
+        rate = row["decode_tokens_timed"] / row["decode_window_s"]
+        assert row["decode_tok_s"] == pytest.approx(rate, rel=0.01)
         assert row["max_streams_running_at_once"] == 2 and row["streams_decoding_when_timed"] == 2
         assert row["all_streams_decoded_together"] and row["decode_steps_timed"] > 0
         assert 0 < row["kv_blocks_per_stream_near_end"] <= 1 + 3 + 1
@@ -72,7 +79,9 @@ def test_bench_startup_smoke(tmp_path):
     )  # fmt: skip
     saved = json.loads(out.read_text())
     assert saved == res and [s["mode"] for s in saved["starts"]] == ["dense", "sinks"]
-    assert set(saved["median_startup_s"]) == {"dense", "sinks"} and saved["ratio_to_dense"]["dense"] == 1.0
+    median = saved["median_startup_s"]
+    assert median == {m: round(s["startup_s"], 2) for s in saved["starts"] for m in [s["mode"]]}
+    assert saved["ratio_to_dense"] == {"dense": 1.0, "sinks": round(median["sinks"] / median["dense"], 3)}
 
 
 def test_plot_scripts_render_the_committed_results(tmp_path):
@@ -115,11 +124,9 @@ def test_bench_block_rows_smoke(tmp_path):
     res = bench_block_rows.main(["--tokens", "8192,65536", "--repeats", "2", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == res and [r["block_ids"] for r in saved["rows"]] == [512, 4096]
-    assert all(
-        r[k] > 0
-        for r in saved["rows"]
-        for k in ("lists_v1_ms", "sparse_v1_ms", "lists_v2_ms", "sparse_v2_ms")
-    )
+    assert [r["session_tokens"] for r in saved["rows"]] == [8192, 65536]
+    for r in saved["rows"]:  # each hand-off was timed (the script checks that both give the same table)
+        assert all(r[k] > 0 for k in ("lists_v1_ms", "sparse_v1_ms", "lists_v2_ms", "sparse_v2_ms"))
 
 
 def test_model_error_floor_exact_forward_is_the_reference(model_dir):
@@ -157,11 +164,29 @@ def test_model_error_floor_smoke(tmp_path):
     assert saved == res and set(saved["seeds"]["11"]) == {
         "dense", "dense_fp32rope", "sinks_split_4+100", "sinks_single_4+100"
     }  # fmt: skip
-    gpu = tmp_path / "gpu.json"  # a GPU run's errors, here the emulation's own: correlation 1
+    # A GPU run's errors stand-in: the emulation's own, perturbed position by position, so that the script's
+    # correlations must match ones computed here independently (statistics.correlation, ranks by sorting).
+    import math
+    import statistics
+
     errors = saved["errors"]
-    gpu.write_text(
-        json.dumps({"errors": {"dense_all": errors["dense"], "sinks_4+100": errors["sinks_split_4+100"]}})
-    )
+    gpu_errors = {
+        "dense_all": [e * (1 + 0.5 * math.sin(i)) for i, e in enumerate(errors["dense"])],
+        "sinks_4+100": [e + 0.02 * math.cos(3 * i) for i, e in enumerate(errors["sinks_split_4+100"])],
+    }
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"errors": gpu_errors}))
     corr = floor.main(["--compare", str(gpu), str(out)])
-    assert corr["gpu sinks_4+100 ~ emulated sinks_split_4+100"] == {"pearson": 1.0, "spearman": 1.0}
-    assert corr["gpu dense_all ~ emulated dense"]["pearson"] == 1.0
+
+    def ranks(x):
+        order = sorted(range(len(x)), key=x.__getitem__)
+        r = [0.0] * len(x)
+        for rank, i in enumerate(order):
+            r[i] = float(rank)
+        return r
+
+    for g, e in (("dense_all", "dense"), ("sinks_4+100", "sinks_split_4+100")):
+        x, y = gpu_errors[g], errors[e]
+        want = {"pearson": round(statistics.correlation(x, y), 3),
+                "spearman": round(statistics.correlation(ranks(x), ranks(y)), 3)}  # fmt: skip
+        assert corr[f"gpu {g} ~ emulated {e}"] == want and want["pearson"] < 1.0

@@ -7,7 +7,8 @@
 * a live session preempted mid-turn resumes its stream (replies equal the reference) and returns its blocks;
 * the SINKS stats added to every engine step (make_stats) read no vLLM config property: one of them scanned
   every installed package's entry points, 15-25 ms per step on a GPU host.
-Admission under pressure, eviction order and paused chats: test_eviction.py, test_paused_chats.py.
+Admission under pressure and eviction order: test_eviction.py; paused chats: test_many_chats.py; random
+traffic with every kind of arrival, abort and preemption: test_stress.py.
 """
 
 from __future__ import annotations

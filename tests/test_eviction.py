@@ -2,7 +2,7 @@
 state, resumable states least recently freed first, and the block policy marks as dead exactly the blocks
 that left the window outside the regenerate state.
 
-The paused-chats case end to end (an engine, CPU): tests/test_paused_chats.py."""
+Paused chats end to end (an engine, CPU): test_many_chats.py::test_paused_chats_resume_from_the_cache."""
 
 from __future__ import annotations
 

@@ -182,16 +182,24 @@ def test_cpu_selection_validates_instead_of_falling_back():
 
 
 def test_metrics_plugin_is_inert_without_sinks():
-    """Installed but not selected: the stat-logger plugin registers no vllm_sinks:* metric."""
+    """Installed but not selected: the stat-logger plugin registers no vllm_sinks:* metric and removes none
+    that another engine or the session server registered in the same process (the registry is unchanged)."""
     from types import SimpleNamespace
 
-    from prometheus_client import REGISTRY
+    from prometheus_client import REGISTRY, Gauge
 
     from vllm_sinks.metrics import SinksStatLogger
 
-    config = SimpleNamespace(attention_config=SimpleNamespace(backend=None),
-                             model_config=SimpleNamespace(served_model_name="m"))  # fmt: skip
-    logger = SinksStatLogger(config, [0])
-    logger.record(None, None)
-    names = [getattr(c, "_name", "") for c in REGISTRY._collector_to_names]
-    assert not any(n.startswith("vllm_sinks:") for n in names)
+    def sinks_collectors() -> set:
+        return {c for c in REGISTRY._collector_to_names if getattr(c, "_name", "").startswith("vllm_sinks:")}
+
+    other = Gauge("vllm_sinks:test_other_engine", "a SINKS metric some other engine registered")
+    try:
+        before = sinks_collectors()
+        config = SimpleNamespace(attention_config=SimpleNamespace(backend=None),
+                                 model_config=SimpleNamespace(served_model_name="m"))  # fmt: skip
+        logger = SinksStatLogger(config, [0])
+        logger.record(None, None)
+        assert sinks_collectors() == before and other in before
+    finally:
+        REGISTRY.unregister(other)

@@ -95,11 +95,12 @@ def collect_sinks_stats(scheduler: Any) -> dict[str, float] | None:
     }
 
 
-def _unregister_own_metrics() -> None:
+def _unregister(names: set[str]) -> None:
+    """Removes the collectors of these metric names from the default registry (an earlier engine's)."""
     from prometheus_client import REGISTRY
 
     for collector in list(REGISTRY._collector_to_names):
-        if getattr(collector, "_name", "").startswith(PREFIX):
+        if getattr(collector, "_name", "") in names:
             REGISTRY.unregister(collector)
 
 
@@ -126,11 +127,14 @@ class SinksStatLogger(AggregateStatLoggerBase):
         from prometheus_client import Counter, Gauge
 
         self.engine_indexes = engine_indexes or [0]
-        _unregister_own_metrics()  # a second engine in the same process (tests) re-creates them
-        # Installed but not selected: export nothing (no empty vllm_sinks:* families on /metrics).
+        # Installed but not selected: export nothing (no empty vllm_sinks:* families on /metrics) and leave
+        # every other collector alone.
         self.enabled = sinks_active(vllm_config)
         if not self.enabled:
             return
+        # A second SINKS engine in the same process (tests) re-creates this logger's metrics; the session
+        # server's vllm_sinks:* gauges are not this logger's and stay.
+        _unregister({PREFIX + k for k in ("config_info", *self._GAUGES, *self._COUNTERS)})
         self.model_name = str(vllm_config.model_config.served_model_name)
         labels = ["model_name", "engine"]
         self.info = Gauge(PREFIX + "config_info", "SINKS configuration (value 1)",

@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 
-    from vllm_sinks.block_rows import SparseKVCacheBlocks
+    from vllm_sinks.kv.block_rows import SparseKVCacheBlocks
 
     a = parse(argv)
     lengths = [int(x) for x in a.tokens.split(",")]

@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.kv.introspection import scheduler_of
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")

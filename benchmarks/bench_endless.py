@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     pool_tokens = cache.num_gpu_blocks * cache.block_size
     managers = []
     if a.mode == "sinks":
-        from vllm_sinks.introspection import sink_managers
+        from vllm_sinks.kv.introspection import sink_managers
 
         managers = sink_managers(llm)
     rows = []
@@ -110,7 +110,7 @@ def _run_length(llm, managers, a, L: int, gen: int, pool_tokens: int, block_size
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.introspection import real_blocks_per_request, scheduler_of
+    from vllm_sinks.kv.introspection import real_blocks_per_request, scheduler_of
 
     engine = llm.llm_engine
     scheduler = scheduler_of(llm)

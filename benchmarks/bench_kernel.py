@@ -12,7 +12,8 @@ one launch, vs the torch ops it replaced).
     python benchmarks/bench_kernel.py --out benchmarks/results/kernel_h100.json
 --merge-sweep adds, per context, `attention` over the merge's launch shapes (query heads per program x
 num_warps) and `sinks` over rope_and_cache's programs per token. --prev-ops FILE times `attention` and `sinks`
-again with the kernels of another ops_cuda.py (e.g. `git show REV:vllm_sinks/ops_cuda.py > /tmp/prev.py`),
+again with the kernels of another ops_cuda.py
+(e.g. `git show REV:vllm_sinks/attention/ops_cuda.py > /tmp/prev.py`),
 side by side in the same run.
 """
 
@@ -117,7 +118,7 @@ def _timed(fn) -> float:
 def _bench_context(ctx: int, a, fa_version: int, copy_gbs: float) -> dict:
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-    from vllm_sinks import ops_cuda
+    from vllm_sinks.attention import ops_cuda
 
     dev, dt = "cuda", torch.bfloat16
     B, H, HK, D, W, S, n = 16, a.heads, a.kv_heads, a.head_dim, a.window, a.sinks, a.batch

@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     a = parse(argv)
     from run_record import emit, provenance
 
-    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.kv.introspection import scheduler_of
 
     llm, kw = build_llm(a)
     scheduler = scheduler_of(llm)

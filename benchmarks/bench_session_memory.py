@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     from run_record import emit, provenance
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from vllm_sinks.tiny_model import TinyLlamaSpec, build_tiny_llama
+    from vllm_sinks_testing.tiny_model import TinyLlamaSpec, build_tiny_llama
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")

@@ -57,7 +57,7 @@ def make_checkpoint(path: str, shape: str, seed: int, dtype: str, lm_head_scale:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vllm_sinks.tiny_model import _tokenizer
+    from vllm_sinks_testing.tiny_model import _tokenizer
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=0,

@@ -182,7 +182,7 @@ def sinks(S: int, W: int, split: bool):
     split: FA3's part [t - W', t] rounded to the model's dtype and merged by LSE with the band and sinks."""
 
     def attend(model: EmulatedLlama, q, k, v, pos):
-        from vllm_sinks.ops_cuda import exact_fa_window
+        from vllm_sinks.attention.ops_cuda import exact_fa_window
 
         scale = 1 / math.sqrt(model.head_dim)
         t, key = pos[:, None], pos[None, :]

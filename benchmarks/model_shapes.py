@@ -42,7 +42,7 @@ SHAPES = {
 
 def model_dir(root: str, shape: str, sliding_window: int | None = None) -> str:
     """A directory with config.json of `shape` (all layers sliding if sliding_window) and a tokenizer."""
-    from vllm_sinks.tiny_model import _tokenizer
+    from vllm_sinks_testing.tiny_model import _tokenizer
 
     name = f"{shape}-sw{sliding_window}" if sliding_window else shape
     path = os.path.join(root, name)

@@ -37,12 +37,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.introspection import sink_managers
+    from vllm_sinks.kv.introspection import sink_managers
 
     model = a.model
     extra: dict = {}
     if model is None:
-        from vllm_sinks.tiny_model import build_tiny_llama
+        from vllm_sinks_testing.tiny_model import build_tiny_llama
 
         model = build_tiny_llama(os.path.join(os.environ.get("TMPDIR", "/tmp"), "vllm_sinks_tiny_llama"))
         extra = dict(dtype="float32", enforce_eager=True, block_size=16, gpu_memory_utilization=0.3)

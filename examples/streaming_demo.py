@@ -101,7 +101,7 @@ def converse(llm, a: argparse.Namespace, model: str, argv) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.chat_turns import chat_pieces, user_turn
+    from vllm_sinks.sessions.chat_turns import chat_pieces, user_turn
 
     tok = llm.get_tokenizer()
     limit = llm.llm_engine.vllm_config.model_config.max_model_len

@@ -17,7 +17,7 @@ def window_attention(q_win, kv, block_table, qsl, seq_lens, W, scale, W_right=No
     """Attention of each query t over keys [t - W, t - W_right - 1] of its request (W_right None: [t - W, t];
     right_edge [n] or [n, H] given: [t - W, right_edge]), and the natural-log LSE ([H, n]); rows with no
     key get output 0 and LSE -inf."""
-    from vllm_sinks.ops_torch import _gather
+    from vllm_sinks.attention.ops_torch import _gather
 
     n, H, D = q_win.shape
     group = H // kv.shape[3]
@@ -56,7 +56,7 @@ def sink_part(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([n, H, D] output, [H, n] LSE) over sinks [0, min(S, t - W)); rows with no sink get LSE -inf."""
-    from vllm_sinks.ops_torch import _gather
+    from vllm_sinks.attention.ops_torch import _gather
 
     n, H, D = q_sink.shape
     group = H // kv_cache.shape[3]

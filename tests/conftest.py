@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """Builds a tiny Llama for a TinyLlamaSpec: model_dir(**spec_fields) -> path."""
-    from vllm_sinks.tiny_model import TinyLlamaSpec, build_tiny_llama
+    from vllm_sinks_testing.tiny_model import TinyLlamaSpec, build_tiny_llama
 
     root = tmp_path_factory.mktemp("models")
     built: dict[str, str] = {}

@@ -29,8 +29,8 @@ def run_case(
     launched (max_seq_len passed as the backend does).
     band_fa_window: check band_sink_attention (the path of steps with prefill rows) instead, with FA's part
     over [t - band_fa_window, t] (-1: no FA part, the kernel takes the whole window)."""
-    from vllm_sinks import ops_cuda, ops_torch
-    from vllm_sinks.rope import RotaryParams, apply_rotary
+    from vllm_sinks.attention import ops_cuda, ops_torch
+    from vllm_sinks.attention.rope import RotaryParams, apply_rotary
 
     g = torch.Generator().manual_seed(seed)
     B = 16
@@ -130,8 +130,8 @@ BAND_FA_WINDOWS = [31, 15, 20, 39]
 def tables_far() -> dict:
     """rotary_tables at positions up to 10**7 (angles reduced in float64) with mscale != 1, against the
     float64 PyTorch path (rope.RotaryParams)."""
-    from vllm_sinks import ops_cuda
-    from vllm_sinks.rope import RotaryParams
+    from vllm_sinks.attention import ops_cuda
+    from vllm_sinks.attention.rope import RotaryParams
 
     rd, half, cache = 128, 64, 4096
     omega = 1.0 / (500000.0 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))

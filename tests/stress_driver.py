@@ -40,10 +40,10 @@ class Driver:
         sinks: tuple[int, int],
         max_model_len: int,
     ) -> None:
-        from vllm_sinks.capacity import request_in_flight_tokens
         from vllm_sinks.config import SinksConfig
-        from vllm_sinks.introspection import scheduler_of, sink_managers
-        from vllm_sinks.session_server import SessionLimits
+        from vllm_sinks.kv.capacity import request_in_flight_tokens
+        from vllm_sinks.kv.introspection import scheduler_of, sink_managers
+        from vllm_sinks.sessions.server import SessionLimits
 
         self.llm, self.rng, self.mirror, self.max_model_len = llm, rng, mirror, max_model_len
         self.client = llm.llm_engine.engine_core
@@ -78,7 +78,7 @@ class Driver:
 
     # --- the per-step checks, inside the scheduler ---
     def _wrap_scheduler(self) -> None:
-        from vllm_sinks import block_rows
+        from vllm_sinks.kv import block_rows
 
         scheduler, original_schedule = self.scheduler, self.scheduler.schedule
         original_preempt = scheduler._preempt_request
@@ -282,6 +282,14 @@ class Driver:
         return self.stats
 
     # --- the end-of-run checks ---
+    def check_end(self, free_before: int) -> None:
+        """After `run`: the scheduler holds no request and no block, every block is back in the pool, and no
+        sparse row fell back to a list for want of staging room. Restores the scheduler's sparse rows."""
+        self.scheduler.kv_cache_manager._vllm_sinks_row_heads = self.heads
+        assert not self.scheduler.requests and not self.manager.req_to_blocks
+        assert self.pool.get_num_free_blocks() == free_before
+        assert self.fallbacks == 0
+
     def streams(self) -> list[tuple[list[int], dict[int, int]]]:
         """(stream, {position: token the engine must have chosen given stream[:position]}) for every finished
         request and every session's replies (a session's stream leaves each reply's last token out)."""

@@ -12,7 +12,7 @@ from attention_oracle import merge, sink_part, window_attention
 
 @pytest.mark.parametrize("S,W,kv_heads", [(4, 60, 2), (1, 31, 4), (16, 48, 1), (4, 20, 2)])
 def test_window_plus_sink_part_is_the_streamingllm_reference(S, W, kv_heads):
-    from vllm_sinks import ops_torch
+    from vllm_sinks.attention import ops_torch
 
     g = torch.Generator().manual_seed(S * 1000 + W)
     B, H, D, num_reqs = 16, 4, 32, 6

@@ -50,7 +50,7 @@ def engine(model_dir):
 
 
 def _manager(llm):
-    from vllm_sinks.introspection import sink_managers
+    from vllm_sinks.kv.introspection import sink_managers
 
     (manager,) = sink_managers(llm)
     return manager
@@ -60,8 +60,8 @@ def test_200k_token_stream_holds_bounded_blocks(engine):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.capacity import request_in_flight_tokens
     from vllm_sinks.config import SinksConfig
+    from vllm_sinks.kv.capacity import request_in_flight_tokens
 
     llm, _ = engine
     manager = _manager(llm)
@@ -121,7 +121,7 @@ def test_concurrent_streams_with_aborts_and_preemption_leak_nothing(engine):
     engine_ = llm.llm_engine
     manager = _manager(llm)
     pool = manager.block_pool
-    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.kv.introspection import scheduler_of
 
     scheduler = scheduler_of(llm)
     free_before = pool.get_num_free_blocks()
@@ -174,7 +174,7 @@ def test_concurrent_streams_with_aborts_and_preemption_leak_nothing(engine):
         pool.free_blocks(hogged + squeezed)
     print(f"{len(ids)} streams, {len(preempted)} preempted, {len(to_abort)} aborted in {steps} steps")
     assert preempted, "the test must force preemption"
-    from vllm_sinks.introspection import block_stats
+    from vllm_sinks.kv.introspection import block_stats
 
     stats = block_stats(manager)
     assert stats["free_blocks"] == free_before and stats["num_requests"] == 0
@@ -190,7 +190,7 @@ def test_preempted_session_resumes_its_stream_and_returns_every_block(engine):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.kv.introspection import scheduler_of
 
     llm, path = engine
     client = llm.llm_engine.engine_core
@@ -260,8 +260,8 @@ def test_cache_hit_reaches_the_worker_as_a_sparse_row(engine, monkeypatch):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.block_rows import SparseBlockRow
-    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.kv.block_rows import SparseBlockRow
+    from vllm_sinks.kv.introspection import scheduler_of
 
     llm, path = engine
     scheduler = scheduler_of(llm)
@@ -299,7 +299,7 @@ def test_per_step_stats_read_no_config(engine, monkeypatch):
     once, when the scheduler starts."""
     from vllm.config import VllmConfig
 
-    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.kv.introspection import scheduler_of
     from vllm_sinks.metrics import collect_sinks_stats
 
     llm, _ = engine

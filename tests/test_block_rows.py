@@ -1,4 +1,4 @@
-"""vllm_sinks.block_rows: a long stream's block-id row as its head, null run and tail.
+"""vllm_sinks.kv.block_rows: a long stream's block-id row as its head, null run and tail.
 
 * SparseBlockRow is the list it stands for to every reader vLLM has: len, indexing, slices, iteration,
   equality, numpy conversion (model runner V1's BlockTable.add_row), in-place extend (V1's request state),
@@ -18,7 +18,13 @@ import pickle
 import numpy as np
 import pytest
 
-from vllm_sinks.block_rows import SparseBlockRow, SparseKVCacheBlocks, enabled, sparse_block_ids, sparse_row
+from vllm_sinks.kv.block_rows import (
+    SparseBlockRow,
+    SparseKVCacheBlocks,
+    enabled,
+    sparse_block_ids,
+    sparse_row,
+)
 
 
 def _pool(n: int = 64):

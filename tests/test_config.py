@@ -75,7 +75,7 @@ def test_block_bound():
 def test_band_tiling_override_is_validated(monkeypatch):
     """VLLM_SINKS_BAND_TILING picks band_sink_attention's launch shape; a malformed one is refused with what
     to write instead, never silently replaced by the default."""
-    from vllm_sinks.ops_cuda import BandTiling
+    from vllm_sinks.attention.ops_cuda import BandTiling
 
     monkeypatch.setenv("VLLM_SINKS_BAND_TILING", "128,32,8,2")
     assert BandTiling.from_env() == BandTiling(rows=128, keys=32, num_warps=8, num_stages=2)
@@ -91,7 +91,7 @@ def test_live_session_cap_leaves_request_slots():
     """A live session waiting for its next message holds one of the engine's max_num_seqs request slots (vLLM
     counts it against the limit), so the HTTP server's cap stays below max_num_seqs: half of it by default,
     and a VLLM_SINKS_MAX_SESSIONS that would take every slot fails at start-up with what to change."""
-    from vllm_sinks.session_server import SessionLimits
+    from vllm_sinks.sessions.server import SessionLimits
 
     assert SessionLimits.from_env({}).max_sessions == 64
     assert SessionLimits.from_env({}, max_num_seqs=256).max_sessions == 64

@@ -55,7 +55,7 @@ def run(request, model_dir, tmp_path_factory):
 
     S, W, model, lengths = request.param
     if model == "gptj":
-        from vllm_sinks.tiny_model import build_tiny_gptj
+        from vllm_sinks_testing.tiny_model import build_tiny_gptj
 
         path = build_tiny_gptj(str(tmp_path_factory.mktemp("gptj")))
     else:

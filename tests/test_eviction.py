@@ -10,8 +10,8 @@ import torch
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import BlockHash, make_block_hash_with_group_id
 
-from vllm_sinks.eviction import TieredFreeBlockQueue
-from vllm_sinks.kv_cache import SinkWindowManager, SinkWindowSpec
+from vllm_sinks.kv.eviction import TieredFreeBlockQueue
+from vllm_sinks.kv.manager import SinkWindowManager, SinkWindowSpec
 
 B = 4
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _rope(rotary_dim: int, neox: bool):
-    from vllm_sinks.rope import RotaryParams
+    from vllm_sinks.attention.rope import RotaryParams
 
     half = rotary_dim // 2
     omega = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
@@ -46,8 +46,8 @@ def make_case(
     Contexts run from inside the first window to three windows past it; only the blocks a kernel may read
     (sink blocks, and from the first query's window on) are real, the others map to block 0, which holds
     garbage. Seed: crc32 of the parameters."""
-    from vllm_sinks import ops_torch
-    from vllm_sinks.rope import apply_rotary
+    from vllm_sinks.attention import ops_torch
+    from vllm_sinks.attention.rope import apply_rotary
 
     if seed is None:
         seed = zlib.crc32(repr((S, W, head_size, heads, kv_heads, str(dtype), decode_only)).encode())
@@ -105,7 +105,7 @@ def make_case(
 
 def rope_and_cache_on_device(c: dict, programs_per_token: int | None = None) -> dict:
     """The case's tensors on the GPU after ops_cuda.rope_and_cache (q rotated in place, K/V cached)."""
-    from vllm_sinks import ops_cuda
+    from vllm_sinks.attention import ops_cuda
 
     dev = "cuda"
     d = dict(q=c["q"].to(dev), kv=c["kv"].to(dev), bt=c["block_table"].to(dev))
@@ -137,7 +137,7 @@ def fa_window(c: dict, d: dict, out: torch.Tensor, window: int | None = None, **
 
 def cuda_path(c: dict, heads_per_program: int | None = None, rope_programs: int | None = None) -> dict:
     """The batch through the backend's CUDA path; returns its output and FlashAttention's part alone."""
-    from vllm_sinks import ops_cuda
+    from vllm_sinks.attention import ops_cuda
 
     d = rope_and_cache_on_device(c, rope_programs)
     S, W, n = c["S"], c["W"], c["n"]
@@ -262,8 +262,8 @@ def test_rotary_tables_match_float64():
     PyTorch path, at positions up to 10**7 with mscale != 1: float32 rounding apart."""
     import math
 
-    from vllm_sinks import ops_cuda
-    from vllm_sinks.rope import RotaryParams
+    from vllm_sinks.attention import ops_cuda
+    from vllm_sinks.attention.rope import RotaryParams
 
     rd, half, cache = 128, 64, 4096
     omega = 1.0 / (500000.0 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))

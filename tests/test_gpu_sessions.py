@@ -1,13 +1,13 @@
 """Live sessions on a CUDA GPU, where vLLM's model runner V2 (its default there) takes a resumed session's
 history as `prefill_token_ids` and stages it through a Python list (O(history) per turn: 325 ms at 4M tokens
 on an H100). The plugin hands it session_tokens' int32 view, which the patched RequestState.add_request
-writes with one copy (vllm_sinks.compat._patch_v2_request_state):
+writes with one copy (vllm_sinks.patch._patch_v2_request_state):
 
 * RequestState given a view holds exactly those tokens in its table, next to a request staged vLLM's way, and
   again after the session is removed and re-added with a grown view (what each turn does);
 * rows longer than the plugin's fixed pinned staging arrive whole, and torch's pinned host allocator grows
   by that staging only;
-* a long stream's block ids (vllm_sinks.block_rows.SparseBlockRow: head, null run, tail) land in V2's block
+* a long stream's block ids (vllm_sinks.kv.block_rows.SparseBlockRow: head, null run, tail) land in V2's block
   table equal to the full list, over a row another request left behind;
 * a session of many turns on an engine with model runner V2 replies with the same greedy tokens under the
   plugin's hand-off (int32 tokens, sparse block rows) as under vLLM's own
@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 
 def test_v2_request_state_takes_a_session_view():
-    from vllm_sinks import compat
+    from vllm_sinks import patch
 
-    compat.apply_patches()
+    patch.apply_patches()
     from vllm.v1.worker.gpu.states import RequestState
 
     state = RequestState(max_num_reqs=4, max_model_len=100_000, max_num_batched_tokens=1024,
@@ -65,9 +65,10 @@ def test_session_rows_stage_through_bounded_pinned_memory():
     """A session's token row reaches model runner V2's table through session_tokens.RowStaging: rows longer
     than its buffers arrive whole, and the pinned memory held by torch's host allocator grows by the
     staging's two fixed buffers at most, not by a block per power-of-two row size (26 MiB here before)."""
-    from vllm_sinks import compat, session_tokens
+    from vllm_sinks import patch
+    from vllm_sinks.sessions import tokens as session_tokens
 
-    compat.apply_patches()
+    patch.apply_patches()
     from vllm.v1.worker.gpu.states import RequestState
 
     state = RequestState(max_num_reqs=2, max_model_len=2_600_000, max_num_batched_tokens=1024,
@@ -95,10 +96,10 @@ def test_v2_block_tables_take_a_sparse_row():
     BlockTables over a row a longer request left behind equals the full list on the device, next to a row
     staged vLLM's way; later blocks append after it; where kernel blocks split the KV blocks, vLLM's own
     path takes the row as a list."""
-    from vllm_sinks import compat
-    from vllm_sinks.block_rows import SparseBlockRow
+    from vllm_sinks import patch
+    from vllm_sinks.kv.block_rows import SparseBlockRow
 
-    compat.apply_patches()
+    patch.apply_patches()
     from vllm.v1.worker.gpu.block_table import BlockTables
 
     cuda = torch.device("cuda")

@@ -55,7 +55,7 @@ def engine(tmp_path_factory):
 
 @pytest.mark.parametrize("rows", ["sparse", "lists"])
 def test_random_traffic_on_model_runner_v2(engine, rows):
-    from vllm_sinks.introspection import sink_managers
+    from vllm_sinks.kv.introspection import sink_managers
 
     llm = engine
     assert llm.llm_engine.vllm_config.use_v2_model_runner, "the engine did not use model runner V2"
@@ -64,10 +64,7 @@ def test_random_traffic_on_model_runner_v2(engine, rows):
     free_before = manager.block_pool.get_num_free_blocks()
     driver = Driver(llm, random.Random(f"gpu-{rows}"), None, rows == "sparse", (S, W), MAX_MODEL_LEN)
     stats = driver.run(STEPS)
-    driver.scheduler.kv_cache_manager._vllm_sinks_row_heads = driver.heads
-    assert not driver.scheduler.requests and not manager.req_to_blocks
-    assert manager.block_pool.get_num_free_blocks() == free_before
-    assert driver.fallbacks == 0
+    driver.check_end(free_before)
     checked, ties = check_alone(llm, driver.streams(), tie=GPU_TIE)
     print(f"GPU {rows}, max_num_seqs {MAX_SEQS}: {STEPS} steps, {stats}; {checked} tokens equal to the "
           f"streams served alone ({ties} not the argmax there, within {GPU_TIE})")  # fmt: skip

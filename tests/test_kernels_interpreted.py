@@ -52,7 +52,7 @@ def test_triton_kernels_match_torch_in_the_interpreter():
 def test_merge_layout_default():
     """Decode-sized steps keep one query head per program; prefill-sized steps group the query heads of a KV
     head, as many as the largest power of two dividing the group (<= 8), which the kernel requires."""
-    from vllm_sinks.ops_cuda import GROUPED_MIN_TOKENS, merge_heads_per_program
+    from vllm_sinks.attention.ops_cuda import GROUPED_MIN_TOKENS, merge_heads_per_program
 
     assert merge_heads_per_program(GROUPED_MIN_TOKENS - 1, 4) == 1
     groups = (1, 2, 4, 6, 7, 8, 16)

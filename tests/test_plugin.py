@@ -20,7 +20,7 @@ def test_vllm_loads_plugin_and_knows_sinks():
 
     load_general_plugins()
     backend = AttentionBackendEnum["SINKS"]
-    from vllm_sinks.backend import SinksAttentionBackend
+    from vllm_sinks.attention.backend import SinksAttentionBackend
 
     assert backend.get_class() is SinksAttentionBackend
     assert AttentionBackendEnum["sinks".upper()] is backend
@@ -31,11 +31,11 @@ def test_vllm_loads_plugin_and_knows_sinks():
 def test_other_vllm_version_is_refused(monkeypatch):
     import vllm
 
-    from vllm_sinks import compat
+    from vllm_sinks import patch
 
     monkeypatch.setattr(vllm, "__version__", "0.25.1")
     with pytest.raises(ImportError, match="supports vLLM 0.26.0 only"):
-        compat.check_vllm_version()
+        patch.check_vllm_version()
 
 
 def _engine_config(argv):

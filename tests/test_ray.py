@@ -30,7 +30,7 @@ def test_sinks_registers_in_a_ray_worker(ray_head):
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
         from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-        from vllm_sinks.kv_cache import SinkWindowManager, SinkWindowSpec
+        from vllm_sinks.kv.manager import SinkWindowManager, SinkWindowSpec
 
         spec = SinkWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32,
                               sliding_window=61, sink_tokens=4)  # fmt: skip
@@ -44,5 +44,5 @@ def test_sinks_registers_in_a_ray_worker(ray_head):
 
     pid, path, manager_ok = ray.get(probe.remote())
     assert pid != os.getpid()
-    assert path == "vllm_sinks.backend.SinksAttentionBackend"
+    assert path == "vllm_sinks.attention.backend.SinksAttentionBackend"
     assert manager_ok

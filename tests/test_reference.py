@@ -17,7 +17,7 @@ def test_reference_equals_transformers_without_eviction(model, model_dir, tmp_pa
     from reference import StreamingLlama
     from transformers import AutoModelForCausalLM
 
-    from vllm_sinks.tiny_model import build_tiny_gptj
+    from vllm_sinks_testing.tiny_model import build_tiny_gptj
 
     if model == "gptj":
         path = build_tiny_gptj(str(tmp_path_factory.mktemp("gptj")))

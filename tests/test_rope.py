@@ -45,7 +45,7 @@ ROPES = {
     [(64, 64, True), (128, 128, True), (64, 32, True), (64, 64, False), (128, 64, False)],
 )
 def test_params_reproduce_vllm_rotary(kind, head_size, rotary_dim, neox):
-    from vllm_sinks.rope import RotaryParams
+    from vllm_sinks.attention.rope import RotaryParams
 
     rope = _vllm_rope(head_size, rotary_dim, neox, ROPES[kind])
     params = RotaryParams.from_module(rope)
@@ -67,7 +67,7 @@ def test_params_reproduce_vllm_rotary(kind, head_size, rotary_dim, neox):
 def test_relative_scores_do_not_decay_with_stream_length(offset):
     """q.k after rotating at (t + offset, j + offset) equals q.k at (t, j): what a stream at index
     `offset` computes equals what StreamingLLM computes with cache indices."""
-    from vllm_sinks.rope import RotaryParams
+    from vllm_sinks.attention.rope import RotaryParams
 
     params = RotaryParams.from_module(_vllm_rope(128, 128, True, ROPES["llama3"]))
     g = torch.Generator().manual_seed(1)
@@ -81,7 +81,7 @@ def test_relative_scores_do_not_decay_with_stream_length(offset):
 
 
 def test_non_rotary_table_is_refused():
-    from vllm_sinks.rope import RotaryParams, UnsupportedRotaryError
+    from vllm_sinks.attention.rope import RotaryParams, UnsupportedRotaryError
 
     class NotARope(torch.nn.Module):
         head_size, rotary_dim, is_neox_style = 64, 64, True

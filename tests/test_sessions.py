@@ -88,8 +88,9 @@ def test_session_equals_one_streamingllm_stream_and_returns_its_blocks(engine):
             assert reply.finish_reason == "length" and len(reply.token_ids) == max_tokens
             turns.append((m, reply.token_ids))
         held_open = await settle()
-        # The front end keeps the session's inputs as int32 (vllm_sinks.session_tokens), equal to vLLM's list.
-        from vllm_sinks.session_tokens import TokenIds
+        # The front end keeps the session's inputs as int32 (vllm_sinks.sessions.tokens), equal to vLLM's
+        # list.
+        from vllm_sinks.sessions.tokens import TokenIds
 
         state = next(s for s in eng.output_processor.request_states.values()
                      if s.external_req_id == session.session_id)  # fmt: skip
@@ -184,9 +185,9 @@ def _session_turns(tracked: bool, turns: int = 40, seed: int = 0):
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import Request, StreamingUpdate
 
-    from vllm_sinks import compat
+    from vllm_sinks import patch
 
-    compat.apply_patches()
+    patch.apply_patches()
     rng = random.Random(seed)
     # Block hashes kept by a tracked session: 2 at the head, the last 8 to 16 (small, so that 40 turns
     # forget most; an engine derives them from S, W and its step size: session_tokens.block_hashes_to_keep).
@@ -216,7 +217,7 @@ def test_session_token_ids_are_int32_and_behave_as_vllms_lists():
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import init_none_hash
 
-    from vllm_sinks.session_tokens import SessionBlockHashes, TokenIds, prompt_for_worker
+    from vllm_sinks.sessions.tokens import SessionBlockHashes, TokenIds, prompt_for_worker
 
     init_none_hash(sha256)  # one root hash for both requests (it is random unless PYTHONHASHSEED is set)
     views = []
@@ -246,7 +247,7 @@ def test_token_ids_list_operations_and_refusals():
     pickling (as a list); a write that would make the prompt stop being a prefix of all ids is refused."""
     import pickle
 
-    from vllm_sinks.session_tokens import TokenIds, TokenStore
+    from vllm_sinks.sessions.tokens import TokenIds, TokenStore
 
     ids = list(range(300, 3300))
     store = TokenStore(ids)
@@ -273,7 +274,7 @@ def test_session_view_goes_to_model_runner_v2_only_at_a_turns_start():
     ids too, e.g. preempted mid-reply); an untracked request always gets vLLM's list."""
     import numpy as np
 
-    from vllm_sinks.session_tokens import TokenIds, TokenStore, prefill_for_worker, prompt_for_worker
+    from vllm_sinks.sessions.tokens import TokenIds, TokenStore, prefill_for_worker, prompt_for_worker
 
     store = TokenStore(range(100))
     request = SimpleNamespace(prompt_token_ids=TokenIds(store, 100), _all_token_ids=TokenIds(store, 100))
@@ -290,7 +291,7 @@ def test_session_view_goes_to_model_runner_v2_only_at_a_turns_start():
 def test_session_block_hashes_keep_head_and_tail():
     """SessionBlockHashes reads as the full list of hashes: the head and the recent tail as given, a
     forgotten index as a key unique to the session and index; its memory stays bounded."""
-    from vllm_sinks.session_tokens import SessionBlockHashes, block_hashes_to_keep
+    from vllm_sinks.sessions.tokens import SessionBlockHashes, block_hashes_to_keep
 
     hashes = [bytes([i % 256]) * 32 for i in range(1000)]
     kept = SessionBlockHashes(hashes[:3], keep_head=2, keep_tail=10, tag=b"t/")
@@ -355,7 +356,7 @@ def test_row_staging_keeps_its_buffers_and_never_overwrites_one_in_flight():
     (number and size) however long the rows grow."""
     import numpy as np
 
-    from vllm_sinks.session_tokens import RowStaging
+    from vllm_sinks.sessions.tokens import RowStaging
 
     device = _AsyncDevice(1000)
     staging = RowStaging(

@@ -63,7 +63,7 @@ def engine(request, model_dir):
 def test_random_traffic_keeps_every_invariant(engine, rows):
     llm = engine
     llm.reset_prefix_cache()
-    from vllm_sinks.introspection import sink_managers
+    from vllm_sinks.kv.introspection import sink_managers
 
     (manager,) = sink_managers(llm)
     free_before = manager.block_pool.get_num_free_blocks()
@@ -71,11 +71,7 @@ def test_random_traffic_keeps_every_invariant(engine, rows):
     rng = random.Random(f"{rows}-{mirror.max_num_reqs}")
     driver = Driver(llm, rng, mirror, sparse=rows == "sparse", sinks=(S, W), max_model_len=MAX_MODEL_LEN)
     stats = driver.run(STEPS)
-    kv = driver.scheduler.kv_cache_manager
-    kv._vllm_sinks_row_heads = driver.heads
-    assert not driver.scheduler.requests and not manager.req_to_blocks
-    assert manager.block_pool.get_num_free_blocks() == free_before
-    assert driver.fallbacks == 0
+    driver.check_end(free_before)
     checked, ties = check_alone(llm, driver.streams())
     print(f"{rows}, max_num_seqs {mirror.max_num_reqs}: {STEPS} steps, {stats}; V2 staging: at most "
           f"{mirror.max_writes_staged} writes in a step (room for {mirror.capacity()}); {checked} tokens "
@@ -91,7 +87,7 @@ def test_stress_finds_the_burst_overflow(engine, monkeypatch):
     """The driver on V2's staging as vLLM 0.26 sizes it (one write per request and step) with the sparse
     writer of 5422dd8 (two writes per row, no room check) dies with the H100's error: the stress test sees
     the bug the default settings had."""
-    from vllm_sinks import block_rows
+    from vllm_sinks.kv import block_rows
 
     llm = engine
     llm.reset_prefix_cache()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 BACKEND_NAME = "SINKS"
-BACKEND_PATH = "vllm_sinks.backend.SinksAttentionBackend"
+BACKEND_PATH = "vllm_sinks.attention.backend.SinksAttentionBackend"
 # Default stream length limit (vLLM's max_model_len) under SINKS when --max-model-len is not given.
 # Memory per stream is bounded by S + W; this only sizes vLLM's per-request token buffers.
 DEFAULT_SINKS_MAX_MODEL_LEN = 1 << 17
@@ -48,7 +48,7 @@ class SinksConfig:
     def max_blocks_per_request(self, block_size: int, max_chunk_tokens: int) -> int:
         """Blocks one stream can hold at once: sink blocks, blocks covering the W tokens before
         `max_chunk_tokens` new tokens in flight and those tokens, plus one for misalignment."""
-        from vllm_sinks.capacity import stream_blocks
+        from vllm_sinks.kv.capacity import stream_blocks
 
         return stream_blocks(self.sink_tokens, self.window_tokens, block_size, max_chunk_tokens)
 
@@ -164,7 +164,7 @@ def configure_engine(config: Any, sinks: SinksConfig, requested_max_model_len: i
     block size, refuses unsupported models, sets the stream limit and the per-request prefill chunk, logs."""
     from vllm.logger import init_logger
 
-    from vllm_sinks import capacity
+    from vllm_sinks.kv import capacity
 
     model_config = config.model_config
     hf_config = model_config.hf_text_config

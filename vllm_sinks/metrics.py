@@ -1,11 +1,12 @@
 """SINKS metrics: collected from the block policy in the engine-core process, exported on /metrics.
 
-Flow: the scheduler's per-step `SchedulerStats` (engine core) carries a `sinks_stats` dict (compat.py adds the
-field and fills it from `collect_sinks_stats`); the front end hands every `SchedulerStats` to the stat-logger
-plugins (entry point `vllm.stat_logger_plugins`), where `SinksStatLogger` sets Prometheus metrics next to
-vLLM's own. Names start with ``vllm_sinks:`` (vLLM unregisters every ``vllm:`` collector it did not make).
+Flow: the scheduler's per-step `SchedulerStats` (engine core) carries a `sinks_stats` dict (vllm_sinks/patch
+adds the field and fills it from `collect_sinks_stats`); the front end hands every `SchedulerStats` to the
+stat-logger plugins (entry point `vllm.stat_logger_plugins`), where `SinksStatLogger` sets Prometheus metrics
+next to vLLM's own. Names start with ``vllm_sinks:`` (vLLM unregisters every ``vllm:`` collector it did not
+make).
 
-Exported, labelled by model_name and engine (capacity figures: capacity.py):
+Exported, labelled by model_name and engine (capacity figures: kv/capacity.py):
   vllm_sinks:config_info{sink_tokens, window_tokens, block_size}  1
   vllm_sinks:request_blocks_bound       KV blocks a prefilling stream holds at most (admitted while free)
   vllm_sinks:decode_blocks_bound        KV blocks a decoding stream holds at most
@@ -27,14 +28,14 @@ from typing import Any
 from vllm.logger import init_logger
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-from vllm_sinks.capacity import StreamCapacity, stream_capacity
 from vllm_sinks.config import sinks_active
+from vllm_sinks.kv.capacity import StreamCapacity, stream_capacity
 
 PREFIX = "vllm_sinks:"
 
 
 def _managers(scheduler: Any) -> list:
-    from vllm_sinks.kv_cache import SinkWindowManager
+    from vllm_sinks.kv.manager import SinkWindowManager
 
     coordinator = scheduler.kv_cache_manager.coordinator
     return [m for m in coordinator.single_type_managers if isinstance(m, SinkWindowManager)]

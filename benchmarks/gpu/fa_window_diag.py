@@ -70,7 +70,7 @@ def rows_against(c, d, out, W, scale, edge=None):
 def main() -> None:
     from test_gpu_kernels import fa_window, make_case, rope_and_cache_on_device
 
-    from vllm_sinks import ops_cuda
+    from vllm_sinks.attention import ops_cuda
 
     print(torch.cuda.get_device_name())
     confirmed = True

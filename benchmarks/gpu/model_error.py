@@ -32,7 +32,7 @@ def build_model(root: str, trained_context: int = 2048) -> str:
     changes no weight; at 4096 the 3,000-token prompt lies inside it: dense is compared at every position."""
     from safetensors.torch import load_file, save_file
 
-    from vllm_sinks.tiny_model import TinyLlamaSpec, build_tiny_llama
+    from vllm_sinks_testing.tiny_model import TinyLlamaSpec, build_tiny_llama
 
     suffix = "" if trained_context == 2048 else f"_{trained_context}"
     path = os.path.join(root, "model_error_llama" + suffix)

@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
 def _band_sweep(ctx: int, a, timed) -> list[dict]:
     import itertools
 
-    from vllm_sinks.ops_cuda import BAND_TILING, BandTiling
+    from vllm_sinks.attention.ops_cuda import BAND_TILING, BandTiling
 
     band, hpp_default, hpps = _bench(ctx, a, timed, band_only=True)
     results = []
@@ -115,7 +115,7 @@ def _bench(ctx: int, a, timed, band_only: bool = False):
     from vllm import _custom_ops
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
 
-    from vllm_sinks import ops_cuda
+    from vllm_sinks.attention import ops_cuda
 
     dev, dt = "cuda", torch.bfloat16
     B, H, HK, D, W, S, R, c = 16, a.heads, a.kv_heads, a.head_dim, a.window, a.sinks, a.requests, a.chunk

@@ -91,7 +91,7 @@ def stream_logprobs(llm, tokens: list[int], label: str) -> list[float]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_sinks.introspection import scheduler_of
+    from vllm_sinks.kv.introspection import scheduler_of
 
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0)

@@ -89,7 +89,7 @@ def _pinned() -> dict:
 
 
 def _install() -> None:
-    from vllm_sinks import session_tokens
+    from vllm_sinks.sessions import tokens as session_tokens
 
     original = session_tokens.forget_old_block_hashes
     state = {"next": 0}

@@ -1,0 +1,1 @@
+"""Test and example helpers that are not part of the plugin: tiny seeded checkpoints built locally."""

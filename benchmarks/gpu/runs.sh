@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU runs of one device session, one step per call (each well under 10 minutes on an H100), writing
-# logs and results under OUT. Run from the repository root after the offline bundle is installed:
-#   source .gpu-bundle/bin/install.sh && python3 -m pip install -q --no-deps --no-build-isolation -e .
+# The GPU benchmarks and GPU tests, one step per command (each well under 10 minutes on an H100), writing
+# logs and results under OUT. Run from the repository root of a GPU host with vLLM 0.26.0 and the project
+# installed (bash scripts/setup.sh):
 #   bash benchmarks/gpu/runs.sh STEP OUT
+# The regression command before a change of a default path is benchmarks/gpu/regression.sh.
 # Steps:
 #   correctness    FA3's window defect row by row (fa_window_diag.py) and the GPU kernel test (540 batches)
 #   kernels        the GPU kernel test alone
@@ -47,10 +48,8 @@
 #   session_trace TAG ARGS...  bench_session_turns.py (8B shape) with ARGS under the engine-core step trace
 #                  (step_trace/): per session input, the steps, their token counts, gaps and CUDA graph modes
 #   sessions_http [DURATION]  64 live HTTP sessions (/v1/sessions), 20% of replies dropped, then the final check
-# Real weights (Qwen2.5-Coder-1.5B-Instruct, head dim 128): the GPU host cannot reach a registry, so the GGUF
-# file travels split in .qdata/ (ignored; made by `bash benchmarks/gpu/stage_qwen.sh`), one part per call:
-#   stash_data     copy the .qdata files this call carried to /root/qstash (before the bundle is installed)
-#   qwen_prepare   assemble the GGUF from /root/qstash, check its sha256, dequantize it (prepare.py --model)
+# Real weights (Qwen2.5-Coder-1.5B-Instruct, head dim 128), prepared first by
+# `python benchmarks/quality/prepare.py --model qwen2.5-coder-1.5b-instruct` (into VLLM_SINKS_DATA):
 #   qwen_error     model-level error vs the float64 reference (GPU), W = 1020 and 1023, KJV prompt (QWEN_SEEDS:
 #                  runs of 3,000 tokens of the text, default 0; e.g. 0,1,2,3,4 pools five)
 #   qwen_ppl       1M-token streaming perplexity: 4+1020, 0+1020, dense to the trained context (32k)
@@ -60,13 +59,8 @@ STEP=$1
 OUT=$2
 mkdir -p "$OUT"
 export VLLM_WORKER_MULTIPROC_METHOD=spawn PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
-export VLLM_SINKS_DATA=/tmp/qdata
+export VLLM_SINKS_DATA=${VLLM_SINKS_DATA:-/tmp/qdata}
 QWEN=qwen2.5-coder-1.5b-instruct
-if [ "$STEP" = stash_data ]; then
-  mkdir -p /root/qstash && find .qdata -type f -exec cp {} /root/qstash/ \; 2>/dev/null
-  echo "data parts on host: $(ls /root/qstash | grep -c q15-part-), extras: $(ls /root/qstash | grep -vc q15-part-)"
-  exit 0
-fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device_$STEP.txt"
 case $STEP in
   correctness)
@@ -216,12 +210,12 @@ PY
     ;;
   session_memory)
     TAG=$3
-    if [ -n "${4:-}" ]; then cp vllm_sinks/session_tokens.py /tmp/session_tokens.current.py && cp "$4" vllm_sinks/session_tokens.py; fi
+    if [ -n "${4:-}" ]; then cp vllm_sinks/sessions/tokens.py /tmp/session_tokens.current.py && cp "$4" vllm_sinks/sessions/tokens.py; fi
     rm -f /tmp/memprobe_$TAG.*
     PYTHONPATH=benchmarks/gpu/session_memory_probe${PYTHONPATH:+:$PYTHONPATH} VLLM_SINKS_MEMORY_PROBE=/tmp/memprobe_$TAG \
       timeout "${MEMORY_TIMEOUT_S:-540}" python3 benchmarks/bench_session_turns.py --shape "${SHAPE:-llama3-8b}" \
       --checkpoints 16384,1048576,4194304 --probe-turns 5 ${SESSION_ARGS:-} --out "$OUT/session_turns_$TAG.json" > "$OUT/session_turns_$TAG.log" 2>&1
-    if [ -n "${4:-}" ]; then cp /tmp/session_tokens.current.py vllm_sinks/session_tokens.py; fi
+    if [ -n "${4:-}" ]; then cp /tmp/session_tokens.current.py vllm_sinks/sessions/tokens.py; fi
     grep -E "^\{'session_tokens'|Error" "$OUT/session_turns_$TAG.log" | tail -6
     cat /tmp/memprobe_$TAG.* > "$OUT/memprobe_$TAG.jsonl" 2>/dev/null
     python3 benchmarks/gpu/session_memory_probe/summarize.py "$OUT/memprobe_$TAG.jsonl" "$OUT/session_turns_$TAG.json" \
@@ -241,13 +235,6 @@ PY
     ;;
   sessions_http)
     CLIENT=sessions bash benchmarks/gpu/serve_load.sh sinks "$OUT" "${3:-300}" 64 2>&1 | tail -40
-    ;;
-  qwen_prepare)
-    mkdir -p "$VLLM_SINKS_DATA"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /root/qstash/gguf-*.whl >/dev/null 2>&1
-    cp /root/qstash/kjv.txt "$VLLM_SINKS_DATA/"
-    [ -f "$VLLM_SINKS_DATA/$QWEN.gguf" ] || cat /root/qstash/q15-part-* > "$VLLM_SINKS_DATA/$QWEN.gguf"
-    ( time python3 benchmarks/quality/prepare.py --model $QWEN ) 2>&1 | tail -5
     ;;
   qwen_error)
     python3 benchmarks/gpu/model_error.py --model "$VLLM_SINKS_DATA/$QWEN" --windows 1020,1023 --save-errors \

@@ -7,7 +7,8 @@
 * in an engine, a resent stream's cache hit (sinks + nulls + window) reaches the worker as one: see
   test_block_policy.test_cache_hit_reaches_the_worker_as_a_sparse_row; replies equal with and without it:
   test_prefix_cache (caching on vs off).
-The model runner V2 writer (stage_into_block_tables) needs CUDA: tests/test_gpu_sessions.py (passed on an
+The model runner V2 writer (stage_into_block_tables) runs here over V2's BlockTables on CPU tensors
+(test_v2_staging_holds_two_writes_per_sparse_row) and on CUDA in tests/test_gpu_sessions.py (passed on an
 H200, 2026-12-05). Rows are sparse by default under both runners; VLLM_SINKS_BLOCK_ROWS=lists keeps vLLM's.
 """
 
@@ -97,3 +98,31 @@ def test_sparse_rows_by_default_and_lists_on_request(monkeypatch):
     monkeypatch.setenv("VLLM_SINKS_BLOCK_ROWS", "yes")
     with pytest.raises(ValueError, match="expected 'sparse'"):
         enabled()
+
+
+def test_v2_staging_holds_two_writes_per_sparse_row():
+    """vLLM sizes model runner V2's staged-write buffers for one write per request and step; a SparseBlockRow
+    stages two (head and tail). On buffers as vLLM sizes them the writer hands a row that does not fit over as
+    a list (one write) instead of overflowing; widen_staging sizes them for two per request, and every row of
+    a full step then lands sparse and equal to its list (V2's BlockTables on the CPU: tests/v2_staging.py)."""
+    import torch
+    from v2_staging import cpu_staging
+    from vllm.v1.worker.gpu.block_table import BlockTables
+
+    from vllm_sinks.kv import block_rows
+
+    rows = [SparseBlockRow([1], 10, [20, 21], null_id=0), SparseBlockRow([2], 12, [30], null_id=0)]
+    with cpu_staging():
+        tables = BlockTables(block_sizes=[16], max_num_reqs=2, max_num_batched_tokens=64,
+                             max_num_blocks_per_group=[64], device=torch.device("cpu"),
+                             kernel_block_sizes=[16])  # fmt: skip
+        assert block_rows.stage_into_block_tables(tables, 0, (rows[0],))
+        assert not block_rows.stage_into_block_tables(tables, 1, (rows[1],))  # 2 writes staged, room for 2
+        tables.block_tables[0].clear_staged_writes()
+        block_rows.widen_staging(tables)
+        assert tables.block_tables[0].write_indices.size == 2 * 2
+        assert all(block_rows.stage_into_block_tables(tables, i, (row,)) for i, row in enumerate(rows))
+        tables.apply_staged_writes()
+    table = tables.block_tables[0].gpu.numpy()
+    for i, row in enumerate(rows):
+        assert table[i, : len(row)].tolist() == list(row) and int(tables.num_blocks.np[0, i]) == len(row)

@@ -15,7 +15,7 @@ MODE=$1
 OUTDIR=$2
 DURATION=${3:-240}
 CHATS=${4:-256}
-VLLM=${VLLM:-python3 -m vllm.entrypoints.cli.main}  # the offline bundle has no `vllm` script
+VLLM=${VLLM:-python3 -m vllm.entrypoints.cli.main}  # works where the `vllm` script is not on PATH
 SW=None
 [ "$MODE" = sliding ] && SW=$(( ${WINDOW:-4092} + 4 ))
 MODEL=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from model_shapes import model_dir; \
@@ -26,10 +26,15 @@ case $MODE in
   *) echo "MODE must be sinks, dense or sliding" >&2; exit 2 ;;
 esac
 mkdir -p "$OUTDIR"
-[ "${CLIENT:-serve}" = sessions ] && export VLLM_PLUGINS=sinks  # the endpoint plugin is opt-in
+SEQS=$CHATS
+if [ "${CLIENT:-serve}" = sessions ]; then
+  export VLLM_PLUGINS=sinks  # the endpoint plugin is opt-in
+  # A live session waiting for input holds a request slot: CHATS sessions need more than CHATS slots.
+  SEQS=$((2 * CHATS)); export VLLM_SINKS_MAX_SESSIONS=$CHATS
+fi
 t0=$(date +%s)
 # shellcheck disable=SC2086
-$VLLM serve "$MODEL" --load-format dummy --dtype "${DTYPE:-bfloat16}" --gpu-memory-utilization "${GPU_UTIL:-0.90}" --max-num-seqs "$CHATS" \
+$VLLM serve "$MODEL" --load-format dummy --dtype "${DTYPE:-bfloat16}" --gpu-memory-utilization "${GPU_UTIL:-0.90}" --max-num-seqs "$SEQS" \
   --port 8000 --enable-prompt-tokens-details "${BACKEND[@]}" ${SERVER_ARGS:-} >"$OUTDIR/server_$MODE.log" 2>&1 &
 PID=$!
 ready=0

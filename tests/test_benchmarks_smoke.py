@@ -27,7 +27,8 @@ def test_bench_decode_smoke(tmp_path):
     # The rate is the decoded tokens between the short and the long run over their time difference.
     tokens = 2 * (24 - 8)
     assert saved["t_long_s"] > saved["t_short_s"] > 0
-    assert saved["decode_tok_s"] == pytest.approx(tokens / (saved["t_long_s"] - saved["t_short_s"]), rel=0.02)
+    window = saved["t_long_s"] - saved["t_short_s"]  # each saved rounded to 1 ms
+    assert saved["decode_tok_s"] == pytest.approx(tokens / window, rel=0.0011 / window + 0.001)
 
 
 def test_bench_endless_smoke(tmp_path):
@@ -43,9 +44,10 @@ def test_bench_endless_smoke(tmp_path):
     saved = json.loads(out.read_text())
     assert saved == res and [r["length"] for r in saved["rows"]] == [200, 400]
     for row in saved["rows"]:
-        assert row["decode_tokens_timed"] == 2 * row["decode_steps_timed"] > 0
+        assert row["decode_tokens_timed"] > 0 and row["decode_window_s"] > 0
+        # The rate is the tokens decoded in the timed window over its length (saved rounded to 1 ms).
         rate = row["decode_tokens_timed"] / row["decode_window_s"]
-        assert row["decode_tok_s"] == pytest.approx(rate, rel=0.01)
+        assert row["decode_tok_s"] == pytest.approx(rate, rel=0.0006 / row["decode_window_s"] + 0.001)
         assert row["max_streams_running_at_once"] == 2 and row["streams_decoding_when_timed"] == 2
         assert row["all_streams_decoded_together"] and row["decode_steps_timed"] > 0
         assert 0 < row["kv_blocks_per_stream_near_end"] <= 1 + 3 + 1

@@ -1,7 +1,7 @@
 """Live sessions on a CUDA GPU, where vLLM's model runner V2 (its default there) takes a resumed session's
 history as `prefill_token_ids` and stages it through a Python list (O(history) per turn: 325 ms at 4M tokens
 on an H100). The plugin hands it session_tokens' int32 view, which the patched RequestState.add_request
-writes with one copy (vllm_sinks.patch._patch_v2_request_state):
+writes with one copy (vllm_sinks/patch/worker.py, patch_v2_request_state):
 
 * RequestState given a view holds exactly those tokens in its table, next to a request staged vLLM's way, and
   again after the session is removed and re-added with a grown view (what each turn does);

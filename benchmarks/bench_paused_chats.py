@@ -41,6 +41,11 @@ def parse(argv=None):
         "--max-num-batched-tokens", type=int, default=None, help="default: 16384 GPU, vLLM's on CPU"
     )
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
+    p.add_argument(
+        "--kv-offloading-size", type=float, default=None, help="GiB of host memory for vLLM's KV offloading"
+    )
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-regenerate", action="store_true", help="skip the regenerate between the turns")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-root", default=os.environ.get("TMPDIR", "/tmp") + "/vllm_sinks_models")
@@ -69,6 +74,10 @@ def build_llm(a):
         kw["max_num_batched_tokens"] = a.max_num_batched_tokens or 16384
     if a.num_gpu_blocks:
         kw["num_gpu_blocks_override"] = a.num_gpu_blocks
+    if a.kv_offloading_size:
+        kw.update(kv_offloading_size=a.kv_offloading_size, kv_offloading_backend="native")
+    if a.enforce_eager:
+        kw["enforce_eager"] = True
     kw.update(device_and_mode_kwargs(a.mode, on_gpu, a))
     return LLM(model=path, **kw), kw
 
@@ -124,6 +133,24 @@ def run_turn(llm, prompts, gen, tag):
     return outs, wall
 
 
+def drain_offloading(llm) -> int | None:
+    """With KV offloading: steps the in-process engine until the connector has no job left (a finished
+    request's last chunks are stored on the step after it finished) and returns SINKS' chunks stored."""
+    from vllm_sinks.kv.introspection import scheduler_of
+    from vllm_sinks.kv.offload import sink_offloading_scheduler
+
+    scheduler = scheduler_of(llm)
+    if scheduler.connector is None:
+        return None
+    connector = scheduler.connector.connector_scheduler
+    for _ in range(100):
+        if not (scheduler.has_requests() or connector.has_pending_push_work()):
+            break
+        llm.llm_engine.step()
+    policy = sink_offloading_scheduler(scheduler)
+    return policy.num_stored_chunks if policy is not None else None
+
+
 def resumed(cached: int, reusable: int, block_size: int) -> bool:
     """Everything reusable came from the cache but the last partial block (hits are whole blocks, and the
     last prompt token is always recomputed)."""
@@ -140,10 +167,13 @@ def run_case(llm, tracker, a, chats: int, seed: int) -> dict:
     outs1, wall1 = run_turn(llm, prompts1, a.gen, "turn1")
     ids1 = [o.request_id for o in outs1]
     whole_after_turn1 = tracker.whole(ids1)
+    stored_turn1 = drain_offloading(llm)
     # A regenerate right after the turn that filled the pool: the same prompts again.
-    outs_r, wall_r = run_turn(llm, prompts1, a.gen, "regenerate")
-    cached_r = [o.num_cached_tokens or 0 for o in outs_r]
-    resumed_r = sum(resumed(c, len(p), block_size) for c, p in zip(cached_r, prompts1, strict=True))
+    resumed_r, wall_r = None, None
+    if not a.no_regenerate:
+        outs_r, wall_r = run_turn(llm, prompts1, a.gen, "regenerate")
+        cached_r = [o.num_cached_tokens or 0 for o in outs_r]
+        resumed_r = sum(resumed(c, len(p), block_size) for c, p in zip(cached_r, prompts1, strict=True))
     prompts2 = [
         p + list(o.outputs[0].token_ids) + [rng.randrange(3, vocab) for _ in range(a.new_tokens)]
         for p, o in zip(prompts1, outs1, strict=True)
@@ -161,7 +191,7 @@ def run_case(llm, tracker, a, chats: int, seed: int) -> dict:
         "blocks_held_at_finish_per_chat": max(state_blocks, default=0),
         "turn1_s": round(wall1, 2),
         "states_whole_after_turn1": whole_after_turn1,
-        "regenerate_s": round(wall_r, 2),
+        "regenerate_s": None if wall_r is None else round(wall_r, 2),
         "regenerate_resumed": resumed_r,
         "turn2_s": round(wall2, 2),
         "turn2_resumed": resumed2,
@@ -171,6 +201,33 @@ def run_case(llm, tracker, a, chats: int, seed: int) -> dict:
         "turn2_preemptions": preempt_turn2,
         "states_whole_after_turn2": tracker.whole(ids2),
         "preemptions_total": tracker.preemptions - preempt0,
+        "turn2_s_per_chat": round(wall2 / chats, 4),
+        **(
+            {"offload_chunks_stored_per_chat": round(stored_turn1 / chats, 2)}
+            if stored_turn1 is not None
+            else {}
+        ),
+    }
+
+
+def offload_figures(scheduler, a) -> dict:
+    """With --kv-offloading-size: the host tier's figures (SINKS: kv.offload's counters; host bytes per chat
+    = chunks stored per chat x bytes of one block over all layers)."""
+    if not a.kv_offloading_size:
+        return {}
+    from vllm_sinks.kv.offload import sink_offloading_scheduler
+
+    out: dict = {"kv_offloading_size_gib": a.kv_offloading_size}
+    policy = sink_offloading_scheduler(scheduler)
+    if policy is None:
+        return out
+    config = scheduler.kv_cache_config
+    block_bytes = sum(t.size for t in config.kv_cache_tensors) // config.num_blocks
+    state_blocks = -(-a.sink_tokens // 16) + -(-a.window_tokens // 16) + 1
+    return out | {
+        "offload": policy.stats(),
+        "block_bytes": block_bytes,
+        "resumable_state_bytes": state_blocks * block_bytes,
     }
 
 
@@ -204,6 +261,7 @@ def main(argv=None) -> dict:
         "kv_pool_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
         "max_num_batched_tokens": llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens,
         **(cases[0] if len(cases) == 1 else {"cases": cases}),
+        **offload_figures(scheduler, a),
         **provenance(__file__, argv),
     }
     return emit(result, a.out)

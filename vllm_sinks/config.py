@@ -173,6 +173,9 @@ def configure_engine(config: Any, sinks: SinksConfig, requested_max_model_len: i
     native_window = uniform_sliding_window(model_config)
     sinks.validate_for(trained, native_window)
     reject_unsupported_models(model_config)
+    from vllm_sinks.kv.offload import check_offloading
+
+    check_offloading(config)
     stream_len = (
         requested_max_model_len if requested_max_model_len not in (None, -1) else DEFAULT_SINKS_MAX_MODEL_LEN
     )

@@ -19,6 +19,13 @@ Exported, labelled by model_name and engine (capacity figures: kv/capacity.py):
   vllm_sinks:request_held_blocks_peak   most blocks held by any one request since start-up
   vllm_sinks:window_freed_blocks_total  blocks returned to the pool because they left the window
   vllm_sinks:sink_block_hits_total      prefix-cache hits on sink blocks
+With --kv-offloading-size (vLLM's native KV offloading, kv/offload.py):
+  vllm_sinks:offload_host_chunks        chunks (one KV block each) the host tier holds
+  vllm_sinks:offload_state_chunks       host chunks of one paused chat's state (sinks + window)
+  vllm_sinks:offload_paused_chats_capacity  paused chats' states the host tier holds
+  vllm_sinks:offload_stored_chunks_total    chunks stored to the host (resumable states only)
+  vllm_sinks:offload_loaded_chunks_total    chunks loaded back from the host
+  vllm_sinks:offload_host_hits_total        requests that resumed from the host tier
 """
 
 from __future__ import annotations
@@ -64,6 +71,11 @@ def log_capacity(scheduler: Any) -> None:
     cap = scheduler_capacity(scheduler)
     if cap is not None:
         init_logger("vllm.sinks").info("SINKS KV pool: %s", cap.describe())
+    from vllm_sinks.kv.offload import sink_offloading_scheduler
+
+    offload = sink_offloading_scheduler(scheduler)
+    if offload is not None:
+        init_logger("vllm.sinks").info("SINKS KV offloading: %s", offload.describe())
 
 
 def collect_sinks_stats(scheduler: Any) -> dict[str, float] | None:
@@ -78,7 +90,10 @@ def collect_sinks_stats(scheduler: Any) -> dict[str, float] | None:
         for rid, n in m.held_blocks.items():
             held[rid] = held.get(rid, 0) + n
     spec = managers[0].kv_cache_spec
-    return {
+    from vllm_sinks.kv.offload import sink_offloading_scheduler
+
+    offload = sink_offloading_scheduler(scheduler)
+    return (offload.stats() if offload is not None else {}) | {
         "sink_tokens": float(spec.sink_tokens),
         "window_tokens": float(spec.window_tokens),
         "block_size": float(spec.block_size),
@@ -118,10 +133,16 @@ class SinksStatLogger(AggregateStatLoggerBase):
         "held_blocks": "KV blocks held by all requests now",
         "request_held_blocks_max": "Most KV blocks held by any one request now",
         "request_held_blocks_peak": "Most KV blocks held by any one request since start-up",
+        "offload_host_chunks": "Chunks (one KV block each) the host offloading tier holds",
+        "offload_state_chunks": "Host chunks of one paused chat's resumable state (sinks + window)",
+        "offload_paused_chats_capacity": "Paused chats' resumable states the host offloading tier holds",
     }
     _COUNTERS = {
         "window_freed_blocks": "KV blocks returned to the pool because they left the attention window",
         "sink_block_hits": "Prefix-cache hits on sink blocks",
+        "offload_stored_chunks": "Chunks stored to the host offloading tier (resumable states only)",
+        "offload_loaded_chunks": "Chunks loaded back from the host offloading tier",
+        "offload_host_hits": "Requests that resumed from the host offloading tier",
     }
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
@@ -155,8 +176,11 @@ class SinksStatLogger(AggregateStatLoggerBase):
                              str(int(stats["block_size"]))).set(1)  # fmt: skip
             self._info_set.add(engine_idx)
         for k, g in self.gauges.items():
-            g.labels(*lv).set(stats[k])
+            if k in stats:
+                g.labels(*lv).set(stats[k])
         for k, c in self.counters.items():
+            if k not in stats:
+                continue
             value = stats[k]
             delta = value - self._last.get((engine_idx, k), 0.0)
             if delta > 0:

@@ -2,14 +2,15 @@
 # The GPU regression command: run it on one GPU before committing any change to a path that runs by default
 # (no flag), and commit its summary with the change (benchmarks/results/). About 8-9 minutes on one H100.
 #   bash benchmarks/gpu/regression.sh OUT
-# 1. Workload A (benchmarks/bench_decode.py): SINKS, then stock sliding window 4096, one engine each, back to
+# 1. The GPU equality, sessions and offloading tests (tests/test_gpu_equality.py, one process per
+#    configuration, tests/test_gpu_sessions.py, tests/test_gpu_offload.py), side by side (each engine has a
+#    fixed KV pool, no memory profiling to disturb).
+# 2. Workload A (benchmarks/bench_decode.py): SINKS, then stock sliding window 4096, one engine each, back to
 #    back on the same GPU (Llama-3-8B shape, dummy weights, 64 streams x 8,192-token prompts).
-# 2. The burst: 32 chats with 65,536-token histories take a turn, then all come back at once with their whole
+# 3. The burst: 32 chats with 65,536-token histories take a turn, then all come back at once with their whole
 #    history plus 200 new tokens, max_num_seqs 32, every other setting the defaults
 #    (benchmarks/bench_paused_chats.py). Passes when 32 of 32 resume from the cache, in the regenerate and in
 #    turn 2, and no engine error.
-# 3. The GPU equality and sessions tests (tests/test_gpu_equality.py, one process per configuration, and
-#    tests/test_gpu_sessions.py), side by side (each engine has a fixed 2 GiB KV pool).
 # Prints a summary (OUT/summary.json) and exits non-zero if any part failed.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu/regression.sh OUT}
@@ -19,6 +20,23 @@ start=$SECONDS
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import vllm; print('vllm', vllm.__version__)" | tee -a "$OUT/device.txt"
 stamp() { echo "[regression +$((SECONDS - start)) s] $*"; }
+
+stamp "GPU equality, sessions and offloading tests, side by side"
+# One pytest process per equality configuration, one for the sessions test, one for the offloading test, all at
+# once: each engine has a fixed KV pool (no memory profiling to disturb), so they share the GPU. (pytest-xdist did not start its
+# workers within 250 s on the H100 host of 2026-12-06; plain processes instead.)
+pids=()
+for config in S4-W60 S1-W31 S0-W64 S16-W48 S4-W1020; do
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_equality.py -k "$config-" > "$OUT/gpu_equality_$config.log" 2>&1 &
+  pids+=($!)
+done
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sessions.py > "$OUT/gpu_sessions.log" 2>&1 &
+pids+=($!)
+python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_offload.py > "$OUT/gpu_offload.log" 2>&1 &
+pids+=($!)
+tests_rc=0
+for pid in "${pids[@]}"; do wait "$pid" || tests_rc=1; done
+tail -qn1 "$OUT"/gpu_equality_*.log "$OUT/gpu_sessions.log" "$OUT/gpu_offload.log"
 
 for mode in sinks sliding; do
   stamp "Workload A, $mode"
@@ -30,20 +48,6 @@ stamp "burst: 32 chats x 65,536 tokens, max_num_seqs 32"
 python3 benchmarks/bench_paused_chats.py --chats 32 --history 65536 --max-num-seqs 32 --out "$OUT/burst.json" \
   > "$OUT/burst.log" 2>&1 || { echo "burst failed:"; grep -E "Error|error" "$OUT/burst.log" | tail -8; }
 
-stamp "GPU equality and sessions tests, side by side"
-# One pytest process per equality configuration and one for the sessions test, all at once: each engine has a
-# fixed 2 GiB KV pool (no memory profiling to disturb), so they share the GPU. (pytest-xdist did not start its
-# workers within 250 s on the H100 host of 2026-12-06; plain processes instead.)
-pids=()
-for config in S4-W60 S1-W31 S0-W64 S16-W48 S4-W1020; do
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_equality.py -k "$config-" > "$OUT/gpu_equality_$config.log" 2>&1 &
-  pids+=($!)
-done
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sessions.py > "$OUT/gpu_sessions.log" 2>&1 &
-pids+=($!)
-tests_rc=0
-for pid in "${pids[@]}"; do wait "$pid" || tests_rc=1; done
-tail -qn1 "$OUT"/gpu_equality_*.log "$OUT/gpu_sessions.log"
 stamp "done"
 
 python3 - "$OUT" "$tests_rc" "$((SECONDS - start))" <<'PY'
@@ -69,7 +73,7 @@ if burst:
     ok &= burst["turn2_resumed"] == burst["chats"] == burst["regenerate_resumed"]
 else:
     ok = False
-summary["gpu_tests"] = "passed" if tests_rc == 0 else "failed (see gpu_equality_*.log, gpu_sessions.log)"
+summary["gpu_tests"] = "passed" if tests_rc == 0 else "failed (gpu_equality_*.log, gpu_sessions.log, gpu_offload.log)"
 ok &= tests_rc == 0
 summary["passed"] = bool(ok)
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)

@@ -27,6 +27,10 @@
 #                  OUT/band_best.txt)
 #   paused         paused chats, 32 and 64 chats x 65,536-token histories (S=4, W=4092)
 #   bursts         64 chats x 65,536 tokens coming back at once with max_num_seqs 64, 16 chats with max_num_seqs 8
+#   offload [CHATS]  paused chats beyond the GPU pool with vLLM's KV offloading (W = 1020, CHATS x 8,192 tokens,
+#                  default 64, the pool cut to ~2/3 of their states, 16 GiB of host memory, eager): SINKS with
+#                  offloading, SINKS without (re-prefill), stock sliding window 1024 with offloading, and SINKS
+#                  with the whole pool (every state on the GPU), one engine after another on one host
 #   stress [STEPS] the GPU stress test (tests/test_gpu_stress.py: 8B shape, model runner V2, STEPS per row mode)
 #   capacity       100 chats x 65,536-token uncached prompts arriving together
 #   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
@@ -152,6 +156,21 @@ PY
     python3 benchmarks/bench_paused_chats.py --chats 16 --history 65536 --max-num-seqs 8 --out "$OUT/burst_16_seqs8.json" \
       > "$OUT/burst_16_seqs8.log" 2>&1
     grep -E '^\{"chats"|Error' "$OUT/burst_16_seqs8.log" | tail -3
+    ;;
+  offload)
+    chats=${3:-64}
+    blocks=$((chats * 2 / 3 * 70))  # a chat's state: 1 + 64 + 1 blocks, its reply up to 4 more
+    common=(--chats "$chats" --history 8192 --window-tokens 1020 --sliding-window 1024 --no-regenerate --enforce-eager)
+    for run in "sinks_offload --mode sinks --num-gpu-blocks $blocks --kv-offloading-size 16" \
+               "sinks_no_offload --mode sinks --num-gpu-blocks $blocks" \
+               "sliding_offload --mode sliding --num-gpu-blocks $blocks --kv-offloading-size 16" \
+               "sinks_all_gpu --mode sinks"; do
+      set -- $run
+      name=$1; shift
+      python3 benchmarks/bench_paused_chats.py "${common[@]}" "$@" --out "$OUT/offload_$name.json" \
+        > "$OUT/offload_$name.log" 2>&1
+      echo "$name: $(grep -E '^\{"chats"|Error' "$OUT/offload_$name.log" | tail -1)"
+    done
     ;;
   stress)
     STRESS_STEPS=${3:-600} python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_stress.py 2>&1 \

@@ -84,6 +84,8 @@ class SinkWindowManager(SlidingWindowManager):
         self.num_sink_block_hits = 0
         # Admission reserves what running streams may still grow to (see _outstanding_growth).
         self.prefilling: set[str] = set()
+        # request id -> (first sink position, count) a KV connector loads (add_local_computed_blocks).
+        self.external_sinks: dict[str, tuple[int, int]] = {}
         self._decode_bound = kv_cache_spec.decode_blocks()
 
     # -- bookkeeping -------------------------------------------------------------------------------------
@@ -103,6 +105,7 @@ class SinkWindowManager(SlidingWindowManager):
     def pop_blocks_for_free(self, request_id: str) -> list[KVCacheBlock]:
         self.held_blocks.pop(request_id, None)
         self.prefilling.discard(request_id)
+        self.external_sinks.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
     def _outstanding_growth(self) -> int:
@@ -153,13 +156,16 @@ class SinkWindowManager(SlidingWindowManager):
             return num
         if apply_admission_cap:  # vLLM's admission gate for a new request
             num += self._outstanding_growth()
+        skipped = self._num_freeable_blocks(total_computed_tokens)
+        sinks = min(self.num_sink_blocks, skipped)
+        if total_computed_tokens > num_local_computed_tokens:
+            # A KV connector loads the sink blocks the local hit does not cover: new blocks.
+            num += sinks - min(sinks, len(new_computed_blocks))
         if not new_computed_blocks:
             return num
         # The base class treats every block before the window as skipped; the sink blocks among them are
         # touched too, so the evictable ones count against free capacity.
-        skipped = self._num_freeable_blocks(total_computed_tokens)
-        pinned = new_computed_blocks[: min(self.num_sink_blocks, skipped)]
-        return num + self._get_num_evictable_blocks(pinned)
+        return num + self._get_num_evictable_blocks(new_computed_blocks[:sinks])
 
     def add_local_computed_blocks(
         self,
@@ -168,6 +174,9 @@ class SinkWindowManager(SlidingWindowManager):
         num_local_computed_tokens: int,
         num_external_computed_tokens: int,
     ) -> None:
+        """[local sink hits][null run][local window hits]. Sink positions that external (KV connector)
+        tokens cover but the local hit does not stay null here; allocate_external_computed_blocks gives them
+        new blocks after every group touched its hits (vLLM's order)."""
         req_blocks = self.req_to_blocks[request_id]
         assert len(req_blocks) == 0
         skipped = self._num_freeable_blocks(num_local_computed_tokens + num_external_computed_tokens)
@@ -175,6 +184,8 @@ class SinkWindowManager(SlidingWindowManager):
         kept_head = list(new_computed_blocks[:sinks])
         num_nulls = max(skipped - sinks, 0)
         kept_tail = list(new_computed_blocks[max(skipped, sinks) :])
+        if num_external_computed_tokens > 0 and sinks < min(self.num_sink_blocks, skipped):
+            self.external_sinks[request_id] = (sinks, min(self.num_sink_blocks, skipped) - sinks)
         if self.enable_caching:
             self.block_pool.touch(kept_head + kept_tail)
         else:
@@ -182,9 +193,30 @@ class SinkWindowManager(SlidingWindowManager):
         req_blocks.extend(kept_head)
         req_blocks.extend([self._null_block] * num_nulls)
         req_blocks.extend(kept_tail)
-        self.num_cached_block[request_id] = len(req_blocks)
+        # Blocks still to cache start at the first sink a connector loads (cache_full_blocks skips nulls).
+        pending = self.external_sinks.get(request_id)
+        self.num_cached_block[request_id] = pending[0] if pending else len(req_blocks)
         self.num_sink_block_hits += len(kept_head)
         self._count(request_id, len(kept_head) + len(kept_tail))
+
+    def allocate_external_computed_blocks(
+        self, request_id: str, num_local_computed_tokens: int, num_external_computed_tokens: int
+    ) -> None:
+        """New blocks for the tokens a KV connector loads: the sink positions add_local_computed_blocks left
+        null, then (vLLM's) the window blocks after the local ones. The middle stays null."""
+        req_blocks = self.req_to_blocks[request_id]
+        start, missing = self.external_sinks.pop(request_id, (0, 0))
+        if missing:
+            new_blocks = self.block_pool.get_new_blocks(missing)
+            req_blocks[start : start + missing] = new_blocks
+            if self._record_new_block_ids:
+                self.new_block_ids.extend(b.block_id for b in new_blocks)
+            self._count(request_id, missing)
+        before = len(req_blocks)
+        super().allocate_external_computed_blocks(
+            request_id, num_local_computed_tokens, num_external_computed_tokens
+        )
+        self._count(request_id, len(req_blocks) - before)
 
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None

@@ -38,6 +38,10 @@ engine_core.py (the scheduler's process)
 11. KVCacheManager.get_blocks: a long stream's block ids as a SparseBlockRow (sink blocks, the bounds of the
     null run, window blocks) instead of one id per block of history. upstream: a manager hook for the
     hand-off of a request's blocks.
+18. OffloadingConnectorScheduler (as OffloadingConnector.__init__ builds it): under SINKS, kv.offload's
+    SinkOffloadingScheduler, which stores only resumable states (sinks + window), looks up a hit as the GPU
+    does, loads the sinks with the window and touches them together (vLLM treats the group as a plain
+    sliding window). upstream: a KV-cache-spec hook in the offloading scheduler.
 
 worker.py (the model runner's process)
 12. CpuPlatform.get_attn_backend_cls: vLLM-CPU ignores a requested backend; under SINKS validate and return
@@ -57,7 +61,7 @@ worker.py (the model runner's process)
 
 Modules outside this package change vLLM objects only when a patch above calls them: attention.rope replaces
 a model's rotary module (15), sessions.tokens replaces a session Request's token and hash lists (9, 10), and
-kv.eviction wraps the pool's free queue (7).
+kv.eviction wraps the pool's free queue (7), kv.offload subclasses the offloading scheduler (18).
 """
 
 from __future__ import annotations

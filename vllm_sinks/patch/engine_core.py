@@ -1,4 +1,4 @@
-"""Patches that act in the engine core, where the scheduler and the KV manager run (registry entries 7-11)."""
+"""Patches that act in the engine core, where the scheduler and the KV manager run (registry 7-11, 18)."""
 
 from __future__ import annotations
 
@@ -162,9 +162,24 @@ def patch_block_rows() -> None:
     KVCacheManager.get_blocks = get_blocks
 
 
+def patch_offloading_policy() -> None:
+    """18. vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector.OffloadingConnectorScheduler (the
+    name OffloadingConnector.__init__ builds its scheduler side with): vLLM's policy treats a SINKS group as a
+    plain sliding window (stores every block, looks up and keeps only the last window, never loads the
+    sinks). kv.offload.SinkOffloadingScheduler is that class with SINKS groups storing, looking up, loading
+    and touching resumable states; it is vLLM's class unchanged for any other group. upstream: a KV-cache-spec
+    hook in the offloading scheduler (which chunks a group stores and needs for a hit)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1 import offloading_connector
+
+    from vllm_sinks.kv.offload import SinkOffloadingScheduler
+
+    offloading_connector.OffloadingConnectorScheduler = SinkOffloadingScheduler
+
+
 def apply() -> None:
     patch_eviction_order()
     patch_scheduler()
     patch_session_updates()
     patch_new_request_data()
     patch_block_rows()
+    patch_offloading_policy()

@@ -101,6 +101,7 @@ def patch_attention_kv_cache_spec() -> None:
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
 
+
 def patch_model_loader() -> None:
     """15. vllm.model_executor.model_loader.base_loader.BaseModelLoader.load_model builds and loads the model;
     SINKS re-encodes its rotary positions (bind_rotary) right after, before torch.compile or CUDA graphs see

@@ -214,11 +214,11 @@ class SessionBlockHashes(Sequence):
         return len(self._head) + len(self._tail)
 
 
-
 def stock_handoff() -> bool:
     """VLLM_SINKS_STOCK_SESSION_HANDOFF=1 leaves vLLM's own token lists, block-id lists and hand-off of a
     session in place (for A/B benchmarks); read when the patches are installed, in each process."""
     return os.environ.get("VLLM_SINKS_STOCK_SESSION_HANDOFF") == "1"
+
 
 def block_hashes_to_keep(
     sink_tokens: int, window_tokens: int, max_step_tokens: int, hash_block_size: int

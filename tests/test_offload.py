@@ -1,0 +1,231 @@
+"""SINKS with vLLM's KV offloading, scheduler side, on the CPU: vLLM's real Scheduler and OffloadingConnector
+scheduler (its CPU store, LRU) with kv.offload's policy, the worker simulated (tests/offload_harness.py). The
+worker side (vLLM's CUDA transfers) and the outputs run in tests/test_gpu_offload.py."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from offload_harness import OffloadHarness
+
+S, W = 4, 60  # one sink block, window run of cdiv(61, 16) = 4 chunks
+SINK_CHUNKS, WINDOW_CHUNKS = 1, 4
+
+
+def _prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 400) for _ in range(n)]
+
+
+def _two_turns(h: OffloadHarness, chats: int, history: int, reply: int = 8, new: int = 24, seed: int = 0):
+    """Turn 1 of every chat (one after another), then turn 2 of every chat: history + reply + new tokens.
+    Returns the turn-1 and turn-2 request ids and prompts."""
+    rng = random.Random(seed)
+    first = {f"c{i}-t1": _prompt(rng, history) for i in range(chats)}
+    for rid, prompt in first.items():
+        h.add(rid, prompt, reply)
+        h.run()
+    second = {}
+    for i in range(chats):
+        rid = f"c{i}-t1"
+        second[f"c{i}-t2"] = first[rid] + h.outputs[rid] + _prompt(rng, new)
+    for rid, prompt in second.items():
+        h.add(rid, prompt, reply)
+        h.run()
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    return model_dir("offload", head_dim=16, num_kv_heads=2, num_heads=2)
+
+
+def test_paused_chats_resume_from_host_with_their_sinks(tiny):
+    """12 chats x 400 tokens through a 48-block pool (a state is 1 + 4 blocks; the pool keeps the last few):
+    turn 2 of every chat whose state left the GPU loads its sinks and window from the host and computes only
+    what follows; every block a request reads holds its own KV (checked at every step)."""
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    first, second = _two_turns(h, chats=12, history=400, reply=40)
+    policy = h.policy
+    assert policy.sink_groups and policy.num_host_hits >= 8, policy.stats()
+    for i in range(12):
+        rid = f"c{i}-t2"
+        prompt = second[rid]
+        computed = h.num_computed_tokens_scheduled[rid]
+        history = len(first[f"c{i}-t1"])
+        # a hit at the last whole chunk of turn 1 (prompt and reply but its last token, which has no KV)
+        assert computed == (history + 40 - 1) // 16 * 16, (rid, computed, history)
+        assert computed < len(prompt)
+    assert h.checked_blocks > 0
+    # loads: per host hit, the sink chunk and the ceil(W/B) window blocks, never a middle chunk
+    assert policy.num_loaded_chunks == policy.num_host_hits * (SINK_CHUNKS + WINDOW_CHUNKS)
+    assert h.manager().block_pool.get_num_free_blocks() == 48 - 1  # every block back (less the null block)
+    assert not h.manager().external_sinks and not h.manager().held_blocks
+
+
+def test_host_holds_only_resumable_states(tiny):
+    """What reaches the host per chat: its sink chunk, the window before its prompt's end (a regenerate's
+    hit) and, once it finished, the window before its end (the next turn's, reply included): chunks {0},
+    [45, 49) and [47, 51) of 800 prompt + 24 reply tokens, never one of the 44 middle chunks."""
+    from vllm.v1.kv_offload.base import make_offload_key
+
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    rng = random.Random(1)
+    for i in range(6):
+        h.add(f"c{i}", _prompt(rng, 800), 24)
+    h.run()
+    expected = set()
+    for i in range(6):
+        hashes = h.requests[f"c{i}"].block_hashes
+        regen, turn = 799 // 16, (800 + 24 - 1) // 16
+        chunks = {0, *range(regen - WINDOW_CHUNKS, regen), *range(turn - WINDOW_CHUNKS, turn)}
+        expected |= {make_offload_key(hashes[j], 0) for j in chunks}
+    assert set(h.policy.manager._policy.blocks) == expected
+    assert h.policy.num_stored_chunks == len(expected) == 6 * 7
+
+
+def test_host_lru_evicts_least_recent_states_first(tiny):
+    """A host store of 3 states (18 chunks), 6 chats, the GPU's prefix cache emptied: c3-c5's states
+    evicted c0-c2's; turn 2 of c5, then c4, resume from the host (a hit touches the state) and store their
+    new chunks, which evict the least recently used state, c3's; the rest re-prefill."""
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=3 * (SINK_CHUNKS + WINDOW_CHUNKS + 1))
+    rng = random.Random(2)
+    first = {f"c{i}": _prompt(rng, 400) for i in range(6)}
+    for rid, prompt in first.items():
+        h.add(rid, prompt, 4)
+        h.run()
+    assert h.scheduler.kv_cache_manager.reset_prefix_cache()  # the GPU pool forgets every state
+    host_hits = []
+    for rid in ("c5", "c4", "c3", "c2", "c1", "c0"):  # most recent first: a hit touches, a miss stores
+        turn2 = f"{rid}-t2"
+        before = h.policy.num_host_hits
+        h.add(turn2, first[rid] + h.outputs[rid] + _prompt(rng, 20), 1)
+        h.run()
+        host_hits.append(h.policy.num_host_hits > before)
+        assert (h.num_computed_tokens_scheduled[turn2] > 0) == host_hits[-1]
+    assert host_hits == [True, True, False, False, False, False]
+
+
+def test_stock_policy_loses_the_sinks(tiny, monkeypatch):
+    """The same resume under vLLM's own policy, which sees a plain sliding window: the sink block the KV
+    manager allocates for the hit is one more block than its window, and vLLM's scheduler asserts."""
+    from vllm.distributed.kv_transfer.kv_connector.v1 import offloading_connector
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.scheduler import OffloadingConnectorScheduler
+
+    monkeypatch.setattr(offloading_connector, "OffloadingConnectorScheduler", OffloadingConnectorScheduler)
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    with pytest.raises(AssertionError) as failure:
+        _two_turns(h, chats=12, history=400)
+    assert "update_state_after_alloc" in str(failure.traceback[-1].name)
+
+
+def test_corrupted_sinks_on_the_host_fail_the_check(tiny, monkeypatch):
+    """The check of the resume test sees the sinks: store each chat's sink chunk from another of its blocks
+    and the first resumed chat that reads it fails."""
+    from vllm_sinks.kv.offload import SinkOffloadingScheduler
+
+    original = SinkOffloadingScheduler._build_store_jobs
+
+    def store_sinks_from_the_wrong_block(self, scheduler_output):
+        jobs = original(self, scheduler_output)
+        for job_id, job in jobs.items():
+            status = self._jobs[job_id]
+            group = self._req_status[status.req_id].group_states[0]
+            if group.offload_keys[0] in status.keys:  # the sink chunk is the job's first
+                job.src_spec.block_ids[0] = next(b for b in reversed(group.block_ids) if b)
+        return jobs
+
+    monkeypatch.setattr(SinkOffloadingScheduler, "_build_store_jobs", store_sinks_from_the_wrong_block)
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    with pytest.raises(AssertionError, match=r"c\d+-t2: block 0 of its row"):
+        _two_turns(h, chats=12, history=400)
+
+
+def test_bad_connector_settings_fail_at_start_up(tiny, monkeypatch):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    def build(**kw):
+        EngineArgs(
+            model=tiny,
+            attention_backend="SINKS",
+            additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}},
+            block_size=16,
+            **kw,
+        ).create_engine_config()
+
+    with pytest.raises(ValueError, match="does not support the KV connector 'LMCacheConnectorV1'"):
+        build(kv_transfer_config=KVTransferConfig(kv_connector="LMCacheConnectorV1", kv_role="kv_both"))
+    with pytest.raises(ValueError, match="one GPU block per chunk"):
+        build(
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="OffloadingConnector",
+                kv_role="kv_both",
+                kv_connector_extra_config={"cpu_bytes_to_use": 2**30, "blocks_per_chunk": 2},
+            )
+        )
+    with pytest.raises(ValueError, match="lower --kv-offloading-size"):
+        build(kv_offloading_size=1e6)
+    monkeypatch.setenv("VLLM_USE_SIMPLE_KV_OFFLOAD", "1")
+    with pytest.raises(ValueError, match="unset VLLM_USE_SIMPLE_KV_OFFLOAD"):
+        build(kv_offloading_size=1)
+
+
+def test_metrics_count_offloaded_states(tiny):
+    from vllm_sinks.metrics import collect_sinks_stats
+
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    _two_turns(h, chats=10, history=400)
+    stats = collect_sinks_stats(h.scheduler)
+    assert stats["offload_host_chunks"] == 400
+    assert stats["offload_state_chunks"] == SINK_CHUNKS + WINDOW_CHUNKS + 1
+    assert stats["offload_paused_chats_capacity"] == 400 // 6
+    assert stats["offload_stored_chunks"] == h.policy.num_stored_chunks > 0
+    assert stats["offload_loaded_chunks"] > 0 and stats["offload_host_hits"] >= 6
+
+
+def test_random_traffic_reads_only_its_own_kv(tiny):
+    """Seeded random traffic through a 64-block pool and a 60-chunk host store (about 6 states): new chats,
+    next turns, regenerates, aborts, and the GPU's prefix cache emptied at times, 4 requests at once. At
+    every step every block a request reads holds its own KV; at the end every GPU block is back."""
+    from vllm.v1.request import RequestStatus
+
+    rng = random.Random(7)
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=64, host_chunks=60, max_num_seqs=4)
+    streams: dict[str, list[int]] = {}  # chat -> its last finished turn's prompt + reply
+    last_prompt: dict[str, list[int]] = {}
+    live: dict[str, str] = {}  # request id -> chat
+    n = 0
+    for _ in range(1500):
+        roll = rng.random()
+        if len(live) < 6 and roll < 0.1:
+            chat = f"chat{len(streams) + len(live)}-{n}"
+            prompt = _prompt(rng, rng.randrange(20, 900))
+        elif len(live) < 6 and roll < 0.25 and streams:
+            chat = rng.choice(sorted(streams))
+            regenerate = rng.random() < 0.25
+            prompt = last_prompt[chat] if regenerate else streams[chat] + _prompt(rng, rng.randrange(1, 60))
+        else:
+            chat = None
+        if chat is not None and chat not in live.values():
+            n += 1
+            rid = f"{chat}/{n}"
+            last_prompt[chat] = prompt
+            h.add(rid, prompt, rng.randrange(1, 40))
+            live[rid] = chat
+        if live and rng.random() < 0.01:
+            rid = rng.choice(sorted(live))
+            h.scheduler.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
+        if rng.random() < 0.01:
+            h.scheduler.kv_cache_manager.reset_prefix_cache()  # refused while a request holds blocks
+        if h.scheduler.has_requests() or h.pending_stores:
+            h.step()
+        for rid in [r for r in live if h.requests[r].is_finished()]:
+            chat = live.pop(rid)
+            if h.requests[rid].status == RequestStatus.FINISHED_LENGTH_CAPPED:
+                streams[chat] = list(h.requests[rid].prompt_token_ids) + h.outputs[rid]
+    h.run()
+    assert h.policy.num_host_hits > 5 and h.checked_blocks > 1000, (h.policy.stats(), h.checked_blocks)
+    manager = h.manager()
+    assert manager.block_pool.get_num_free_blocks() == 64 - 1
+    assert not manager.external_sinks and not manager.held_blocks

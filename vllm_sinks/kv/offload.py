@@ -1,0 +1,343 @@
+"""Paused chats in host memory: SINKS' policy for vLLM's KV offloading (--kv-offloading-size), scheduler side.
+
+vLLM's OffloadingConnector sees a SinkWindowSpec group as a sliding window: it would store every block as it
+streams past, look up and keep only the blocks of the last window, and load neither the sinks nor know that
+the middle of a hit is null. SinkOffloadingScheduler replaces those four decisions for SINKS groups; the
+transfers, the host store (its LRU) and the worker stay vLLM's. One offloaded chunk is one GPU block
+(`blocks_per_chunk` 1, checked at start-up). For a stream of P prompt tokens, S sinks, W window, block B:
+
+* store: only chunks a later request can hit, its resumable state: the ceil(S/B) sink chunks, the window
+  chunks before the prompt's end (what a regenerate hits) and, once the request finishes, the window chunks
+  before its end (what the next turn hits, reply included: under SINKS `offload_prompt_only` defaults to
+  false). Chunks still inside the running window are stored only when they leave it or the request ends, so
+  middle chunks never leave the GPU: a paused chat costs ceil(S/B) + ceil((W+1)/B) chunks on the host plus
+  one per B tokens of its last reply (up to a second window), whatever its length.
+* lookup: a hit ends at chunk n when chunks [0, ceil(S/B)) and the window run before n are stored, as the GPU
+  prefix cache hits (kv.manager.SinkWindowManager.find_longest_cache_hit), or when [0, n) all are.
+* load: exactly the chunks whose GPU blocks the KV manager allocated for the hit (sinks and window; the
+  middle are null blocks, kv.manager.SinkWindowManager.allocate_external_computed_blocks).
+* touch: a hit touches its sink chunks with its window chunks, so the host's LRU evicts a chat's state as a
+  whole, least recently used first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import TransferJob
+from vllm.distributed.kv_transfer.kv_connector.v1.offloading.scheduler import (
+    OffloadingConnectorScheduler,
+    RequestOffloadState,
+    TransferJobStatus,
+)
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.kv_offload.base import GPULoadStoreSpec, LookupResult, OffloadKey, OffloadPolicy
+from vllm.v1.request import Request
+
+from vllm_sinks.kv.manager import SinkWindowSpec
+
+# The connectors SINKS serves: vLLM's native offloading (--kv-offloading-size GiB, backend native).
+SUPPORTED_CONNECTORS = ("OffloadingConnector",)
+
+
+def check_offloading(vllm_config: Any) -> None:
+    """Start-up check of a SINKS engine's KV connector: only vLLM's native OffloadingConnector, with one GPU
+    block per offloaded chunk and no more host memory than the host has free. Raises with what to change."""
+    kv_transfer = getattr(vllm_config, "kv_transfer_config", None)
+    connector = getattr(kv_transfer, "kv_connector", None) if kv_transfer is not None else None
+    if connector is None:
+        return
+    if connector not in SUPPORTED_CONNECTORS:
+        hint = (
+            "unset VLLM_USE_SIMPLE_KV_OFFLOAD (SINKS keeps its state through vLLM's OffloadingConnector)"
+            if connector == "SimpleCPUOffloadConnector"
+            else "use --kv-offloading-size GiB --kv-offloading-backend native, or serve without SINKS"
+        )
+        raise ValueError(
+            f"--attention-backend SINKS does not support the KV connector {connector!r}: it would store and "
+            f"load a SINKS stream's blocks as a plain sliding window (no sinks); {hint}"
+        )
+    extra = dict(kv_transfer.kv_connector_extra_config or {})
+    if extra.get("block_size") is not None or int(extra.get("blocks_per_chunk", 1)) != 1:
+        raise ValueError(
+            "SINKS offloads one GPU block per chunk: remove 'block_size' / 'blocks_per_chunk' from "
+            "--kv-transfer-config's kv_connector_extra_config"
+        )
+    cpu_bytes = extra.get("cpu_bytes_to_use")
+    if cpu_bytes:
+        import psutil
+
+        available = psutil.virtual_memory().available
+        if float(cpu_bytes) > available:
+            raise ValueError(
+                f"--kv-offloading-size asks for {float(cpu_bytes) / 2**30:.1f} GiB of host memory but this "
+                f"host has {available / 2**30:.1f} GiB available: lower --kv-offloading-size"
+            )
+
+
+class SinkOffloadingScheduler(OffloadingConnectorScheduler):
+    """OffloadingConnectorScheduler whose SINKS groups store, look up, load and touch resumable states
+    (module docstring). Groups of other specs keep vLLM's behaviour."""
+
+    def __init__(self, spec: Any, vllm_config: Any, kv_cache_config: Any) -> None:
+        super().__init__(spec, vllm_config, kv_cache_config)
+        # group index -> (sink chunks, window chunks)
+        self.sink_groups: dict[int, tuple[int, int]] = {}
+        for group in self.config.kv_group_configs:
+            kv_spec = kv_cache_config.kv_cache_groups[group.group_idx].kv_cache_spec
+            if isinstance(kv_spec, SinkWindowSpec):
+                assert group.sliding_window_size_in_chunks is not None
+                sinks = cdiv(kv_spec.sink_tokens, group.tokens_per_chunk)
+                self.sink_groups[group.group_idx] = (sinks, group.sliding_window_size_in_chunks)
+        if self.sink_groups and "offload_prompt_only" not in spec.extra_config:
+            # A chat's next turn resends its reply: the window before a turn's end is what it hits.
+            self.config = self.config._replace(offload_prompt_only=False)
+        if self.sink_groups and self.config.blocks_per_chunk != 1:
+            raise ValueError(
+                f"SINKS offloads one GPU block per chunk, not {self.config.blocks_per_chunk}: "
+                "remove 'block_size' / 'blocks_per_chunk' from the connector's extra config"
+            )
+        # Counters for metrics: states' chunks stored, loaded (host -> GPU), and requests that hit the host.
+        self.num_stored_chunks = 0
+        self.num_loaded_chunks = 0
+        self.num_host_hits = 0
+
+    # -- what is stored ------------------------------------------------------------------------------------
+    def _calc_num_offloadable_tokens(self, req_status: RequestOffloadState, num_computed_tokens: int) -> int:
+        """vLLM's bound, less the running window of an unfinished request: its chunks are stored when they
+        leave the window (if a later request can hit them) or when the request ends. A finished request's
+        bound is its computed tokens (its last sampled token has no KV)."""
+        num = super()._calc_num_offloadable_tokens(req_status, num_computed_tokens)
+        if not self.sink_groups:
+            return num
+        if req_status.req.is_finished():
+            return min(num, req_status.req.num_computed_tokens)
+        group = self.config.kv_group_configs[next(iter(self.sink_groups))]
+        window = self.sink_groups[group.group_idx][1]
+        return max(0, (num // group.tokens_per_chunk - window) * group.tokens_per_chunk)
+
+    def resumable_chunks(self, req_status: RequestOffloadState, group_idx: int, num_chunks: int) -> set[int]:
+        """Chunk indices of [0, num_chunks) a later request can hit: the sinks, the window before the prompt's
+        end and, for a finished request, the window before its end (num_chunks)."""
+        sinks, window = self.sink_groups[group_idx]
+        tokens_per_chunk = self.config.kv_group_configs[group_idx].tokens_per_chunk
+        keep = set(range(min(sinks, num_chunks)))
+        prompt_end = (req_status.req.num_prompt_tokens - 1) // tokens_per_chunk
+        keep.update(range(max(0, prompt_end - window), min(prompt_end, num_chunks)))
+        if req_status.req.is_finished():
+            keep.update(range(max(0, num_chunks - window), num_chunks))
+        return keep
+
+    def _build_store_jobs(self, scheduler_output: SchedulerOutput) -> dict[int, TransferJob]:
+        # vLLM skips a chunk whose block id is 0 (a null or reused block): middle chunks become 0 here, before
+        # vLLM's store selection moves past them for good.
+        if self.sink_groups:
+            for req_id in (
+                *scheduler_output.num_scheduled_tokens,
+                *(scheduler_output.finished_req_ids or ()),
+            ):
+                req_status = self._req_status.get(req_id)
+                if req_status is not None:
+                    self._drop_middle_chunks(req_status, scheduler_output)
+        jobs = super()._build_store_jobs(scheduler_output)
+        for job_id in jobs:
+            status: TransferJobStatus = self._jobs[job_id]
+            self.num_stored_chunks += len(status.keys)
+            req = self._req_status[status.req_id].req
+            # A finished request's blocks are free: one already reused this step is stored before the step
+            # writes it (vLLM does this for full-attention blocks only).
+            if req.is_finished() and not self._current_batch_allocated_block_ids.isdisjoint(
+                status.sliding_window_block_ids or ()
+            ):
+                self._current_batch_jobs_to_flush.add(job_id)
+        return jobs
+
+    def _drop_middle_chunks(self, req_status: RequestOffloadState, scheduler_output: SchedulerOutput) -> None:
+        req = req_status.req
+        if req.is_finished():
+            num_tokens = req.num_tokens
+        else:
+            num_tokens = req.num_computed_tokens + scheduler_output.num_scheduled_tokens[req.request_id]
+        full_chunks = super()._calc_num_offloadable_tokens(req_status, num_tokens)
+        upto = self._calc_num_offloadable_tokens(req_status, num_tokens)
+        for group_idx in self.sink_groups:
+            group_state = req_status.group_states[group_idx]
+            tokens_per_chunk = self.config.kv_group_configs[group_idx].tokens_per_chunk
+            keep = self.resumable_chunks(req_status, group_idx, full_chunks // tokens_per_chunk)
+            block_ids = group_state.block_ids
+            for i in range(group_state.next_stored_chunk_idx, min(upto // tokens_per_chunk, len(block_ids))):
+                if i not in keep:
+                    block_ids[i] = 0
+
+    # -- what is looked up, touched and loaded ---------------------------------------------------------------
+    def _hit_end(
+        self, keys: Sequence[OffloadKey], start: int, limit: int, group_idx: int, ctx: Any
+    ) -> int | None:
+        """End chunk of the longest hit in [start, limit): sinks stored and a window run before it, or every
+        chunk from `start` (whose own sinks and window the GPU holds). None: the store asked to retry."""
+        sinks, window = self.sink_groups[group_idx]
+        hit: list[bool] = []
+        deferred = False
+        for key in keys[start:limit]:
+            result = self.manager.lookup(key, ctx)
+            deferred |= result in (LookupResult.RETRY, LookupResult.HIT_PENDING)
+            hit.append(result in (LookupResult.HIT, LookupResult.HIT_PENDING))
+        if deferred:
+            return None
+        prefix = next((i for i, h in enumerate(hit) if not h), len(hit))
+        sinks_stored = start >= sinks or prefix >= min(sinks, limit) - start
+        if sinks_stored:
+            run = 0
+            for i in range(len(hit) - 1, -1, -1):
+                run = run + 1 if hit[i] else 0
+                if run == window:
+                    return start + i + window
+        return start + prefix
+
+    def _lookup(self, req_status: RequestOffloadState) -> int | None:
+        if not self.sink_groups:
+            return super()._lookup(req_status)
+        computed = req_status.num_locally_computed_tokens
+        # The last prompt token is always recomputed (its logits); hits are whole chunks.
+        max_hit_tokens = req_status.req.num_tokens - 1
+        end: int | None = None
+        for group_idx in self.sink_groups:
+            tokens_per_chunk = self.config.kv_group_configs[group_idx].tokens_per_chunk
+            keys = req_status.group_states[group_idx].offload_keys
+            limit = min(max_hit_tokens // tokens_per_chunk, len(keys))
+            start = computed // tokens_per_chunk
+            if limit <= start:
+                return 0
+            group_end = self._hit_end(keys, start, limit, group_idx, req_status.req_context)
+            if group_end is None:
+                return None
+            end = group_end if end is None else min(end, group_end)
+        assert end is not None
+        tokens_per_chunk = self.config.kv_group_configs[next(iter(self.sink_groups))].tokens_per_chunk
+        num_hit_tokens = end * tokens_per_chunk - computed
+        if num_hit_tokens <= 0:
+            return 0
+        if self._chunks_being_loaded:
+            for group_idx in self.sink_groups:
+                keys = req_status.group_states[group_idx].offload_keys
+                if any(
+                    keys[i] in self._chunks_being_loaded
+                    for i in self._loaded_chunks(group_idx, computed, end)
+                ):
+                    return None  # another request is loading a chunk of this hit: wait for it
+        return num_hit_tokens
+
+    def _loaded_chunks(self, group_idx: int, computed: int, end: int) -> list[int]:
+        """Chunks a hit ending at `end` loads after `computed` local tokens: sinks not local, the window."""
+        sinks, window = self.sink_groups[group_idx]
+        tokens_per_chunk = self.config.kv_group_configs[group_idx].tokens_per_chunk
+        start = computed // tokens_per_chunk
+        chunks = set(range(start, min(sinks, end)))
+        chunks.update(range(max(start, end - window), end))
+        return sorted(chunks)
+
+    def _touch(self, req_status: RequestOffloadState) -> None:
+        if not self.sink_groups:
+            return super()._touch(req_status)
+        groups = zip(self.config.kv_group_configs, req_status.group_states, strict=True)
+        for group_config, group_state in groups:
+            keys = group_state.offload_keys
+            if group_config.group_idx not in self.sink_groups:
+                self.manager.touch(keys, req_status.req_context)
+                continue
+            sinks, window = self.sink_groups[group_config.group_idx]
+            first_window = max(sinks, group_state.num_hit_chunks - window)
+            self.manager.touch([*keys[:sinks], *keys[first_window:]], req_status.req_context)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        """Loads the hit's chunks into the blocks the KV manager allocated for them: every non-null block of
+        the hit without a hash (local hits have one)."""
+        if not self.sink_groups:
+            return super().update_state_after_alloc(request, blocks, num_external_tokens)
+        if num_external_tokens == 0:
+            return
+        req_status = self._req_status[request.request_id]
+        num_cached_tokens = req_status.num_locally_computed_tokens + num_external_tokens
+        keys_to_load: list[OffloadKey] = []
+        dst_block_ids: list[int] = []
+        group_sizes: list[int] = []
+        block_indices: list[int] = []
+        for group_config, group_state, group_blocks in zip(
+            self.config.kv_group_configs, req_status.group_states, blocks.blocks, strict=True
+        ):
+            self._current_batch_allocated_block_ids.update(
+                b.block_id for b in group_blocks if b.block_id != 0
+            )
+            num_gpu_blocks = cdiv(num_cached_tokens, group_config.tokens_per_block)
+            first: int | None = None
+            count = 0
+            for i, block in enumerate(group_blocks[:num_gpu_blocks]):
+                if block.is_null or block.block_hash is not None:
+                    continue
+                keys_to_load.append(group_state.offload_keys[i])
+                dst_block_ids.append(block.block_id)
+                first = i if first is None else first
+                count += 1
+            group_sizes.append(count)
+            block_indices.append(first or 0)
+            if req_status.offloading_context.policy == OffloadPolicy.BLOCK_LEVEL:
+                group_state.next_stored_chunk_idx = cdiv(num_cached_tokens, group_config.tokens_per_chunk)
+        src_spec = self.manager.prepare_load(keys_to_load, req_status.req_context)
+        dst_spec = GPULoadStoreSpec(dst_block_ids, group_sizes=group_sizes, block_indices=block_indices)
+        job_id = self._generate_job_id()
+        self._current_batch_load_jobs[job_id] = TransferJob(
+            req_id=request.request_id, src_spec=src_spec, dst_spec=dst_spec
+        )
+        assert not req_status.transfer_jobs  # a load is issued only when no other job is pending
+        req_status.transfer_jobs.add(job_id)
+        self._jobs[job_id] = TransferJobStatus(
+            req_id=request.request_id,
+            pending_count=self.config.num_workers,
+            keys=set(keys_to_load),
+            is_store=False,
+        )
+        if self._chunks_being_loaded is not None:
+            self._chunks_being_loaded.update(keys_to_load)
+        self.num_loaded_chunks += len(keys_to_load)
+        self.num_host_hits += 1
+
+    # -- capacity and metrics -------------------------------------------------------------------------------
+    def host_chunks(self) -> int:
+        """Chunks the host store holds (vLLM's CPU manager; 0 where its size is not known)."""
+        return int(getattr(self.manager, "_num_blocks", 0))
+
+    def state_chunks(self) -> int:
+        """Host chunks of one paused chat's resumable state: its sinks, a window, and the chunk by which the
+        window before its prompt's end (a regenerate) and before its end (the next turn) differ."""
+        return sum(sinks + window + 1 for sinks, window in self.sink_groups.values())
+
+    def describe(self) -> str:
+        state = self.state_chunks()
+        return (
+            f"host tier: {self.host_chunks()} chunks of one block, {state} per paused chat's state "
+            f"(sinks + window): ~{self.host_chunks() // max(state, 1)} paused chats"
+        )
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "offload_host_chunks": float(self.host_chunks()),
+            "offload_state_chunks": float(self.state_chunks()),
+            "offload_paused_chats_capacity": float(self.host_chunks() // max(self.state_chunks(), 1)),
+            "offload_stored_chunks": float(self.num_stored_chunks),
+            "offload_loaded_chunks": float(self.num_loaded_chunks),
+            "offload_host_hits": float(self.num_host_hits),
+        }
+
+
+def sink_offloading_scheduler(scheduler: Any) -> SinkOffloadingScheduler | None:
+    """The SINKS offloading policy of a v1 Scheduler's KV connector, if it has one."""
+    connector = getattr(scheduler, "connector", None)
+    policy = getattr(connector, "connector_scheduler", None)
+    if isinstance(policy, SinkOffloadingScheduler) and policy.sink_groups:
+        return policy
+    return None

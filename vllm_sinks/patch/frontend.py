@@ -1,4 +1,4 @@
-"""Patches that act in the front end: the API server or LLM process (registry entries 4-6)."""
+"""Patches that act in the front end: the API server or LLM process (registry entries 4-6, 19)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,42 @@ def patch_front_end_session_state() -> None:
     OutputProcessor._update_streaming_request_state = _update_streaming_request_state
 
 
+def patch_data_parallel_affinity() -> None:
+    """19. vllm.v1.engine.core_client.DPLBAsyncMPClient.get_core_engine_for_request sends a request to the
+    least loaded engine of `--data-parallel-size N` (waiting x 4 + running), so a chat's turns land on
+    engines that do not hold its state. Under SINKS a request that names no `data_parallel_rank` goes to the
+    engine routing.affinity places its chat on (the key: its first prompt tokens, which every turn of a chat
+    repeats); a returning chat goes back to its engine, new chats shed from an engine whose score reaches
+    max_num_seqs. upstream: a pluggable DP load balancer."""
+    from vllm.v1.engine.core_client import DPLBAsyncMPClient
+
+    from vllm_sinks.routing.affinity import data_parallel_rank
+
+    original = DPLBAsyncMPClient.get_core_engine_for_request
+
+    @functools.wraps(original)
+    def get_core_engine_for_request(self, request):
+        if request.data_parallel_rank is not None or request.pooling_params is not None:
+            return original(self, request)
+        if "_vllm_sinks_dp" not in vars(self):
+            self._vllm_sinks_dp = sinks_active(self.vllm_config)
+        if not self._vllm_sinks_dp:
+            return original(self, request)
+        rank = data_parallel_rank(self, request.prompt_token_ids, self.lb_engines,
+                                  self.vllm_config.scheduler_config.max_num_seqs)  # fmt: skip
+        if rank is None:
+            return original(self, request)
+        request.data_parallel_rank = rank
+        try:
+            return original(self, request)
+        finally:
+            request.data_parallel_rank = None
+
+    DPLBAsyncMPClient.get_core_engine_for_request = get_core_engine_for_request
+
+
 def apply() -> None:
     patch_engine_config()
     patch_max_model_len()
     patch_front_end_session_state()
+    patch_data_parallel_affinity()

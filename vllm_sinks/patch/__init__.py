@@ -24,6 +24,9 @@ frontend.py (the API server or LLM process)
     reaches the rotary table past S + W). upstream: a backend capability "positions bounded".
  6. AsyncLLM.__init__ / OutputProcessor._update_streaming_request_state: a live session's prompt ids kept as
     int32 (vLLM appends every input to a Python list, ~40 bytes an id). upstream: array-backed token ids.
+19. DPLBAsyncMPClient.get_core_engine_for_request (--data-parallel-size N): a request without
+    data_parallel_rank goes to the engine routing.affinity places its chat on (vLLM picks the least loaded,
+    so a chat's turns miss its state). upstream: a pluggable DP load balancer.
 
 engine_core.py (the scheduler's process)
  7. KVCacheCoordinator.__init__: the pool's free queue becomes TieredFreeBlockQueue (dead blocks evicted

@@ -3,7 +3,8 @@
 default), side by side: 16 chats x 6 turns through the OpenAI chat API, each turn of every chat (4 at a
 time) before the next turn of any. With affinity every turn
 after a chat's first finds its history in its replica's prefix cache (it computes only its new tokens);
-with stock routing a turn that lands on the other replica re-prefills."""
+with stock routing a turn that lands on the other replica re-prefills. The same for the two engines of
+one `vllm serve --data-parallel-size 2` (patch 19 against vLLM's own balancer)."""
 
 import concurrent.futures
 import random
@@ -119,3 +120,24 @@ def test_stock_routing_loses_turns_that_affinity_keeps(side_by_side):
     stock, affinity = side_by_side["power-of-two"], side_by_side["affinity"]
     assert stock["turns_hit"] < affinity["turns_hit"]
     assert stock["cached_over_reusable"] < 0.9 * affinity["cached_over_reusable"]
+
+
+@pytest.fixture(scope="module")
+def data_parallel(model_dir, tmp_path_factory):
+    """The same chats against one `vllm serve --data-parallel-size 2` (two engines, vLLM's own front end):
+    with patch 19 (chat affinity), then with vLLM's balancer (VLLM_SINKS_DP_AFFINITY=0)."""
+    path = model_dir()
+    logs = tmp_path_factory.mktemp("dp")
+    results = {}
+    for name, flag in (("affinity", "1"), ("vllm", "0")):
+        env = {"VLLM_SINKS_DP_AFFINITY": flag}
+        with vllm_server(path, [*ARGS, "--data-parallel-size", "2"], str(logs / f"{name}.log"), env=env) as s:
+            results[name] = _run(s.base_url, path)
+    print(f"16 chats x 6 turns, --data-parallel-size 2: {results}")
+    return results
+
+
+def test_data_parallel_engines_keep_each_chat(data_parallel):
+    affinity, stock = data_parallel["affinity"], data_parallel["vllm"]
+    assert affinity["turns_hit"] == affinity["turns"] == CHATS * (TURNS - 1)
+    assert stock["turns_hit"] < affinity["turns_hit"]

@@ -5,12 +5,12 @@
 # 1. The GPU equality, sessions and offloading tests (tests/test_gpu_equality.py, one process per
 #    configuration, tests/test_gpu_sessions.py, tests/test_gpu_offload.py), side by side (each engine has a
 #    fixed KV pool, no memory profiling to disturb).
-# 2. Workload A (benchmarks/bench_decode.py): SINKS, then stock sliding window 4096, one engine each, back to
-#    back on the same GPU (Llama-3-8B shape, dummy weights, 64 streams x 8,192-token prompts).
-# 3. The burst: 32 chats with 65,536-token histories take a turn, then all come back at once with their whole
+# 2. The burst: 32 chats with 65,536-token histories take a turn, then all come back at once with their whole
 #    history plus 200 new tokens, max_num_seqs 32, every other setting the defaults
 #    (benchmarks/bench_paused_chats.py). Passes when 32 of 32 resume from the cache, in the regenerate and in
 #    turn 2, and no engine error.
+# 3. Workload A (benchmarks/bench_decode.py): SINKS, then stock sliding window 4096, one engine each, back to
+#    back on the same GPU (Llama-3-8B shape, dummy weights, 64 streams x 8,192-token prompts).
 # Prints a summary (OUT/summary.json) and exits non-zero if any part failed.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu/regression.sh OUT}
@@ -38,15 +38,15 @@ tests_rc=0
 for pid in "${pids[@]}"; do wait "$pid" || tests_rc=1; done
 tail -qn1 "$OUT"/gpu_equality_*.log "$OUT/gpu_sessions.log" "$OUT/gpu_offload.log"
 
+stamp "burst: 32 chats x 65,536 tokens, max_num_seqs 32"
+python3 benchmarks/bench_paused_chats.py --chats 32 --history 65536 --max-num-seqs 32 --out "$OUT/burst.json" \
+  > "$OUT/burst.log" 2>&1 || { echo "burst failed:"; grep -E "Error|error" "$OUT/burst.log" | tail -8; }
+
 for mode in sinks sliding; do
   stamp "Workload A, $mode"
   python3 benchmarks/bench_decode.py --mode $mode --out "$OUT/decode_$mode.json" > "$OUT/decode_$mode.log" 2>&1 \
     || { echo "Workload A ($mode) failed:"; tail -20 "$OUT/decode_$mode.log"; }
 done
-
-stamp "burst: 32 chats x 65,536 tokens, max_num_seqs 32"
-python3 benchmarks/bench_paused_chats.py --chats 32 --history 65536 --max-num-seqs 32 --out "$OUT/burst.json" \
-  > "$OUT/burst.log" 2>&1 || { echo "burst failed:"; grep -E "Error|error" "$OUT/burst.log" | tail -8; }
 
 stamp "done"
 

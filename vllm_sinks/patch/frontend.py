@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import os
 
 from vllm_sinks.config import configure_engine, is_sinks_selected, sinks_active, sinks_config_from_vllm
 
@@ -106,7 +107,8 @@ def patch_data_parallel_affinity() -> None:
     engines that do not hold its state. Under SINKS a request that names no `data_parallel_rank` goes to the
     engine routing.affinity places its chat on (the key: its first prompt tokens, which every turn of a chat
     repeats); a returning chat goes back to its engine, new chats shed from an engine whose score reaches
-    max_num_seqs. upstream: a pluggable DP load balancer."""
+    max_num_seqs. VLLM_SINKS_DP_AFFINITY=0 keeps vLLM's balancer (A/B). upstream: a pluggable DP load
+    balancer."""
     from vllm.v1.engine.core_client import DPLBAsyncMPClient
 
     from vllm_sinks.routing.affinity import data_parallel_rank
@@ -118,7 +120,8 @@ def patch_data_parallel_affinity() -> None:
         if request.data_parallel_rank is not None or request.pooling_params is not None:
             return original(self, request)
         if "_vllm_sinks_dp" not in vars(self):
-            self._vllm_sinks_dp = sinks_active(self.vllm_config)
+            stock = os.environ.get("VLLM_SINKS_DP_AFFINITY", "1").strip() == "0"
+            self._vllm_sinks_dp = sinks_active(self.vllm_config) and not stock
         if not self._vllm_sinks_dp:
             return original(self, request)
         rank = data_parallel_rank(self, request.prompt_token_ids, self.lb_engines,

@@ -141,7 +141,7 @@ def test_corrupted_sinks_on_the_host_fail_the_check(tiny, monkeypatch):
         _two_turns(h, chats=12, history=400)
 
 
-def test_bad_connector_settings_fail_at_start_up(tiny, monkeypatch):
+def test_bad_connector_settings_fail_at_start_up(tiny):
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import EngineArgs
 
@@ -166,9 +166,10 @@ def test_bad_connector_settings_fail_at_start_up(tiny, monkeypatch):
         )
     with pytest.raises(ValueError, match="lower --kv-offloading-size"):
         build(kv_offloading_size=1e6)
-    monkeypatch.setenv("VLLM_USE_SIMPLE_KV_OFFLOAD", "1")
+    # what --kv-offloading-size builds under VLLM_USE_SIMPLE_KV_OFFLOAD=1 (vLLM caches its env reads)
     with pytest.raises(ValueError, match="unset VLLM_USE_SIMPLE_KV_OFFLOAD"):
-        build(kv_offloading_size=1)
+        simple = KVTransferConfig(kv_connector="SimpleCPUOffloadConnector", kv_role="kv_both")
+        build(kv_transfer_config=simple)
 
 
 def test_metrics_count_offloaded_states(tiny):

@@ -118,8 +118,10 @@ def runs(model_dir, tmp_path_factory):
 
 
 def _turn2_index(request_ids: list[str], outputs) -> list[int]:
+    """Indices in `outputs` of the engine-core request ids (vLLM suffixes them "<id>-<random>")."""
     by_id = {o.request_id: i for i, o in enumerate(outputs)}
-    return sorted(by_id[r] for r in request_ids if r in by_id)
+    found = (r if r in by_id else r.rsplit("-", 1)[0] for r in request_ids)
+    return sorted({by_id[r] for r in found if r in by_id})
 
 
 def test_paused_chats_resume_from_host_memory(runs):

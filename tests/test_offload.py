@@ -230,3 +230,31 @@ def test_random_traffic_reads_only_its_own_kv(tiny):
     manager = h.manager()
     assert manager.block_pool.get_num_free_blocks() == 64 - 1
     assert not manager.external_sinks and not manager.held_blocks
+
+
+def test_kv_pages_are_block_major_under_a_connector(monkeypatch):
+    """vLLM's offloading worker copies block b as the page_size_bytes at b x page_size_bytes of a layer's
+    cache. Under a KV connector SINKS' cache is laid out so that this page is exactly block b's K and V."""
+    import torch
+    from vllm.config import KVTransferConfig, VllmConfig, set_current_vllm_config
+
+    from vllm_sinks.attention.backend import SinksAttentionBackend as backend
+
+    monkeypatch.delenv("VLLM_SINKS_KV_LAYOUT", raising=False)
+    assert backend.get_kv_cache_stride_order() == (0, 1, 2, 3, 4)
+    connector = KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both")
+    config = VllmConfig(kv_transfer_config=connector)
+    with set_current_vllm_config(config):
+        order = backend.get_kv_cache_stride_order()
+    assert order == (1, 0, 2, 3, 4)
+    blocks, block_size, heads, dim = 6, 16, 2, 8
+    shape = backend.get_kv_cache_shape(blocks, block_size, heads, dim)
+    # as vLLM allocates it: raw bytes viewed in the stride order, permuted back to the logical shape
+    raw = torch.zeros(2 * blocks * block_size * heads * dim, dtype=torch.float32)
+    physical = raw.view(tuple(shape[i] for i in order))
+    kv = physical.permute(*[order.index(i) for i in range(len(order))])
+    kv.copy_(torch.randn(shape))
+    page = 2 * block_size * heads * dim  # elements of one block's K and V
+    pages = torch.as_strided(raw, (blocks, page), (page, 1))  # what the offloading worker copies
+    for b in range(blocks):
+        assert torch.equal(pages[b], torch.cat((kv[0, b].flatten(), kv[1, b].flatten())))

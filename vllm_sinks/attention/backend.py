@@ -28,6 +28,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_sinks.attention import ops_torch
+from vllm_sinks.attention.layout import block_major_kv_pages
 from vllm_sinks.attention.rope import RotaryParams
 from vllm_sinks.config import BACKEND_NAME, SinksConfig, sinks_config_from_vllm
 
@@ -71,6 +72,16 @@ class SinksAttentionBackend(AttentionBackend):
         num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype_str: str = "auto"
     ) -> tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        """Memory order of the (2, blocks, block_size, kv heads, head dim) cache: K of every block, then V of
+        every block; with a KV connector, block-major (blocks, 2, ...), so that a block's K and V are one
+        page at block_id x page_size_bytes, which is what vLLM's offloading worker copies. The kernels read
+        the cache through its strides either way."""
+        if include_num_layers_dimension:
+            raise NotImplementedError("SINKS does not use a cross-layer KV cache")
+        return (1, 0, 2, 3, 4) if block_major_kv_pages() else (0, 1, 2, 3, 4)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

@@ -17,17 +17,24 @@ import torch
 def write_kv(
     kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Scatters key/value ([n, kv_heads, head_size]) into the cache at `slot_mapping` ([n]; -1 = skip)."""
+    """Scatters key/value ([n, kv_heads, head_size]) into the cache at `slot_mapping` ([n]; -1 = skip). The
+    cache is read through its strides: K then V of every block, or block-major (attention.layout)."""
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    flat_k = kv_cache[0].view(num_blocks * block_size, *kv_cache.shape[3:])
-    flat_v = kv_cache[1].view(num_blocks * block_size, *kv_cache.shape[3:])
     n = slot_mapping.shape[0]
     slots = slot_mapping.to(torch.int64)
     valid = slots >= 0
     if not bool(valid.all()):
         slots, key, value = slots[valid], key[:n][valid], value[:n][valid]
-    flat_k.index_copy_(0, slots, key[: slots.shape[0]].to(flat_k.dtype))
-    flat_v.index_copy_(0, slots, value[: slots.shape[0]].to(flat_v.dtype))
+    m = slots.shape[0]
+    if kv_cache[0].is_contiguous():
+        flat_k = kv_cache[0].view(num_blocks * block_size, *kv_cache.shape[3:])
+        flat_v = kv_cache[1].view(num_blocks * block_size, *kv_cache.shape[3:])
+        flat_k.index_copy_(0, slots, key[:m].to(flat_k.dtype))
+        flat_v.index_copy_(0, slots, value[:m].to(flat_v.dtype))
+        return
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[0].index_put_((blocks, offsets), key[:m].to(kv_cache.dtype))
+    kv_cache[1].index_put_((blocks, offsets), value[:m].to(kv_cache.dtype))
 
 
 def _gather(kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor):

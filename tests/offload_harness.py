@@ -194,3 +194,22 @@ class OffloadHarness:
     def manager(self) -> Any:
         (group,) = self.scheduler.kv_cache_manager.coordinator.single_type_managers
         return group
+
+
+def corrupt_sink_stores(monkeypatch: Any) -> None:
+    """Makes kv.offload's policy store each request's sink chunk from another of its blocks (the last real
+    one it holds): what a test that sees the sinks must catch."""
+    from vllm_sinks.kv.offload import SinkOffloadingScheduler
+
+    original = SinkOffloadingScheduler._build_store_jobs
+
+    def store_sinks_from_the_wrong_block(self, scheduler_output):
+        jobs = original(self, scheduler_output)
+        for job_id, job in jobs.items():
+            status = self._jobs[job_id]
+            group = self._req_status[status.req_id].group_states[0]
+            if group.offload_keys[0] in status.keys:  # the sink chunk is the job's first
+                job.src_spec.block_ids[0] = next(b for b in reversed(group.block_ids) if b)
+        return jobs
+
+    monkeypatch.setattr(SinkOffloadingScheduler, "_build_store_jobs", store_sinks_from_the_wrong_block)

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from engines import shut_down
+from offload_harness import corrupt_sink_stores
 
 pytestmark = pytest.mark.gpu
 
@@ -95,18 +96,7 @@ def runs(model_dir, tmp_path_factory):
     results["offload_host_hits"] = list(host_hits)
     shut_down(llm)
 
-    original_store = SinkOffloadingScheduler._build_store_jobs
-
-    def store_sinks_from_the_wrong_block(self, scheduler_output):
-        jobs = original_store(self, scheduler_output)
-        for job_id, job in jobs.items():
-            status = self._jobs[job_id]
-            group = self._req_status[status.req_id].group_states[0]
-            if group.offload_keys[0] in status.keys:  # the sink chunk is the job's first
-                job.src_spec.block_ids[0] = next(b for b in reversed(group.block_ids) if b)
-        return jobs
-
-    mp.setattr(SinkOffloadingScheduler, "_build_store_jobs", store_sinks_from_the_wrong_block)
+    corrupt_sink_stores(mp)
     host_hits.clear()
     llm = _engine(path, offload=True)
     results["corrupted"] = _conversation(llm)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from offload_harness import OffloadHarness
+from offload_harness import OffloadHarness, corrupt_sink_stores
 
 S, W = 4, 60  # one sink block, window run of cdiv(61, 16) = 4 chunks
 SINK_CHUNKS, WINDOW_CHUNKS = 1, 4
@@ -122,20 +122,7 @@ def test_stock_policy_loses_the_sinks(tiny, monkeypatch):
 def test_corrupted_sinks_on_the_host_fail_the_check(tiny, monkeypatch):
     """The check of the resume test sees the sinks: store each chat's sink chunk from another of its blocks
     and the first resumed chat that reads it fails."""
-    from vllm_sinks.kv.offload import SinkOffloadingScheduler
-
-    original = SinkOffloadingScheduler._build_store_jobs
-
-    def store_sinks_from_the_wrong_block(self, scheduler_output):
-        jobs = original(self, scheduler_output)
-        for job_id, job in jobs.items():
-            status = self._jobs[job_id]
-            group = self._req_status[status.req_id].group_states[0]
-            if group.offload_keys[0] in status.keys:  # the sink chunk is the job's first
-                job.src_spec.block_ids[0] = next(b for b in reversed(group.block_ids) if b)
-        return jobs
-
-    monkeypatch.setattr(SinkOffloadingScheduler, "_build_store_jobs", store_sinks_from_the_wrong_block)
+    corrupt_sink_stores(monkeypatch)
     h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
     with pytest.raises(AssertionError, match=r"c\d+-t2: block 0 of its row"):
         _two_turns(h, chats=12, history=400)

@@ -29,6 +29,9 @@ stamp "GPU equality, sessions and offloading tests, side by side"
 # One pytest process per equality configuration, one for the sessions test, one for the offloading test, all
 # at once: each engine has a fixed KV pool (no memory profiling to disturb), so they share the GPU.
 # (pytest-xdist did not start its workers within 250 s on the H100 host of 2026-12-06: plain processes.)
+# Two CPU threads each: seven processes with a float32 reference on the CPU would otherwise each start a
+# thread per core (the parallel part did not finish in ~7 minutes on a 16-core H200 host, 2026-12-06).
+export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 pids=()
 for config in S4-W60 S1-W31 S0-W64 S16-W48 S4-W1020; do
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu_equality.py -k "$config-" > "$OUT/gpu_equality_$config.log" 2>&1 &
@@ -40,6 +43,7 @@ python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_offload.py > "$OUT/gp
 pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid" || tests_rc=1; done
 tail -qn1 "$OUT"/gpu_equality_*.log "$OUT/gpu_sessions.log" "$OUT/gpu_offload.log"
+unset OMP_NUM_THREADS MKL_NUM_THREADS
 fi
 
 if want burst; then

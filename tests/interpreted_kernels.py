@@ -54,6 +54,8 @@ def run_case(
     perm = torch.randperm(num_blocks - 1, generator=g) + 1
     block_table = perm[: num_reqs * max_blocks].view(num_reqs, max_blocks).to(torch.int32)
     kv = torch.randn(2, num_blocks, B, kv_heads, head_size, generator=g).to(dtype)
+    if os.environ.get("VLLM_SINKS_KV_LAYOUT") == "block_major":  # the layout under a KV connector
+        kv = kv.permute(1, 0, 2, 3, 4).contiguous().permute(1, 0, 2, 3, 4)
     n = sum(q_lens)
     q = torch.randn(n, heads, head_size, generator=g).to(dtype)
     k = torch.randn(n, kv_heads, head_size, generator=g).to(dtype)

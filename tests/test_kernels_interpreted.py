@@ -57,3 +57,18 @@ def test_merge_layout_default():
     assert merge_heads_per_program(GROUPED_MIN_TOKENS - 1, 4) == 1
     groups = (1, 2, 4, 6, 7, 8, 16)
     assert [merge_heads_per_program(GROUPED_MIN_TOKENS, g) for g in groups] == [1, 2, 4, 2, 1, 8, 8]
+
+
+def test_triton_kernels_read_a_block_major_cache():
+    """The same kernels over the block-major cache a KV connector gets (attention.layout: a block's K and V
+    one page), float32: they read and write the cache through its strides."""
+    env = dict(os.environ, TRITON_INTERPRET="1", VLLM_SINKS_KV_LAYOUT="block_major")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "interpreted_kernels.py"), "float32"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 20, proc.stdout[-2000:]
+    for row in rows:
+        assert row["cache_err"] < 1e-5 and row.get("rel_err", 0) < 1e-5, row

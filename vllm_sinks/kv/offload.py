@@ -119,17 +119,20 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
         window = self.sink_groups[group.group_idx][1]
         return max(0, (num // group.tokens_per_chunk - window) * group.tokens_per_chunk)
 
-    def resumable_chunks(self, req_status: RequestOffloadState, group_idx: int, num_chunks: int) -> set[int]:
-        """Chunk indices of [0, num_chunks) a later request can hit: the sinks, the window before the prompt's
-        end and, for a finished request, the window before its end (num_chunks)."""
+    def is_resumable(
+        self, req_status: RequestOffloadState, group_idx: int, chunk: int, num_chunks: int
+    ) -> bool:
+        """Whether chunk `chunk` of [0, num_chunks) is one a later request can hit: a sink chunk, one of the
+        window before the prompt's end or, for a finished request, of the window before its end."""
         sinks, window = self.sink_groups[group_idx]
-        tokens_per_chunk = self.config.kv_group_configs[group_idx].tokens_per_chunk
-        keep = set(range(min(sinks, num_chunks)))
-        prompt_end = (req_status.req.num_prompt_tokens - 1) // tokens_per_chunk
-        keep.update(range(max(0, prompt_end - window), min(prompt_end, num_chunks)))
-        if req_status.req.is_finished():
-            keep.update(range(max(0, num_chunks - window), num_chunks))
-        return keep
+        if chunk < sinks:
+            return True
+        prompt_end = (req_status.req.num_prompt_tokens - 1) // self.config.kv_group_configs[
+            group_idx
+        ].tokens_per_chunk
+        if prompt_end - window <= chunk < prompt_end:
+            return True
+        return req_status.req.is_finished() and num_chunks - window <= chunk < num_chunks
 
     def _build_store_jobs(self, scheduler_output: SchedulerOutput) -> dict[int, TransferJob]:
         # vLLM skips a chunk whose block id is 0 (a null or reused block): middle chunks become 0 here, before
@@ -161,15 +164,20 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
             num_tokens = req.num_tokens
         else:
             num_tokens = req.num_computed_tokens + scheduler_output.num_scheduled_tokens[req.request_id]
-        full_chunks = super()._calc_num_offloadable_tokens(req_status, num_tokens)
         upto = self._calc_num_offloadable_tokens(req_status, num_tokens)
+        full = None
         for group_idx in self.sink_groups:
             group_state = req_status.group_states[group_idx]
             tokens_per_chunk = self.config.kv_group_configs[group_idx].tokens_per_chunk
-            keep = self.resumable_chunks(req_status, group_idx, full_chunks // tokens_per_chunk)
             block_ids = group_state.block_ids
-            for i in range(group_state.next_stored_chunk_idx, min(upto // tokens_per_chunk, len(block_ids))):
-                if i not in keep:
+            end = min(upto // tokens_per_chunk, len(block_ids))
+            if end <= group_state.next_stored_chunk_idx:
+                continue  # most steps: no chunk left the running window
+            if full is None:
+                full = super()._calc_num_offloadable_tokens(req_status, num_tokens)
+            num_chunks = full // tokens_per_chunk
+            for i in range(group_state.next_stored_chunk_idx, end):
+                if not self.is_resumable(req_status, group_idx, i, num_chunks):
                     block_ids[i] = 0
 
     # -- what is looked up, touched and loaded ---------------------------------------------------------------

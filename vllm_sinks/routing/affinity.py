@@ -155,8 +155,13 @@ def token_prefix_keys(prompt_token_ids: Sequence[int]) -> list[str]:
     of 16 within the prompt). A later turn of a chat contains its first turn's prompt, so one of its keys is
     the one its first turn remembered (AffinityTable.place_tokens)."""
     n = min(len(prompt_token_ids), PREFIX_TOKENS) // 16 * 16
-    return ["tokens:" + hashlib.sha256(json.dumps(list(prompt_token_ids[:m])).encode()).hexdigest()[:32]
-            for m in range(n, 0, -16)]  # fmt: skip
+    digest, keys = hashlib.sha256(), []
+    for m in range(16, n + 1, 16):  # one pass: each prefix's hash extends the previous one's
+        digest.update(
+            b"".join(int(t).to_bytes(4, "little", signed=True) for t in prompt_token_ids[m - 16 : m])
+        )
+        keys.append("tokens:" + digest.copy().hexdigest()[:32])
+    return keys[::-1]
 
 
 def data_parallel_rank(owner: Any, prompt_token_ids: Sequence[int] | None, loads: Sequence[Sequence[int]],

@@ -61,8 +61,9 @@ class Router:
             if not live:
                 raise LookupError("no replica is alive")
             return key, min(random.sample(live, min(2, len(live))), key=lambda r: r.in_flight)
-        if tokens and token_prefix_keys(prompt):
-            return key, self.table.place_tokens(token_prefix_keys(prompt))
+        prefixes = token_prefix_keys(prompt) if tokens else []
+        if prefixes:
+            return key, self.table.place_tokens(prefixes)
         return key, self.table.place(key)
 
     # -- forwarding -----------------------------------------------------------------------------------------

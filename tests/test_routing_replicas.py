@@ -6,13 +6,12 @@ after a chat's first finds its history in its replica's prefix cache (it compute
 with stock routing a turn that lands on the other replica re-prefills. The same for the two engines of
 one `vllm serve --data-parallel-size 2` (patch 19 against vLLM's own balancer)."""
 
-import concurrent.futures
-import random
 import threading
 import time
 import urllib.request
 
 import pytest
+from chat_turns import run_chats as _run
 from serving import vllm_server
 
 S, W, B = 4, 60, 16
@@ -22,7 +21,6 @@ ARGS = [
     "--gpu-memory-utilization", "0.3", "--max-num-seqs", "8", "--enable-prompt-tokens-details",
     "--additional-config", f'{{"sinks": {{"sink_tokens": {S}, "window_tokens": {W}}}}}',
 ]  # fmt: skip
-WORDS = "the sea boats bridge children count mill fox dog cat sun stream story anchor warm".split()
 
 pytestmark = pytest.mark.slow
 
@@ -40,51 +38,6 @@ def _serve_router(urls: list[str], policy: str):
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     return server, thread, f"http://127.0.0.1:{port}"
-
-
-class _Chat:
-    """One chat's conversation; `turn` sends its next message and records, for every turn after the first,
-    the tokens the previous turn left reusable and the tokens the replica found cached."""
-
-    def __init__(self, base_url: str, model: str, chat: int) -> None:
-        import openai
-
-        self.client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
-        self.model, self.chat = model, chat
-        self.messages = [{"role": "system", "content": f"chat number {chat}"}]
-        self.previous: list[int] = []
-        self.turns: list[dict] = []
-
-    def turn(self, k: int) -> None:
-        text = " ".join(WORDS[(self.chat * 7 + k * 3 + i) % len(WORDS)] for i in range(30))
-        self.messages.append({"role": "user", "content": text})
-        extra = {"return_token_ids": True, "ignore_eos": True}
-        r = self.client.chat.completions.create(model=self.model, messages=self.messages, max_tokens=16,
-                                                temperature=0, extra_body=extra)  # fmt: skip
-        prompt = list(r.prompt_token_ids)
-        common = next((i for i, (a, b) in enumerate(zip(prompt, self.previous, strict=False)) if a != b),
-                      min(len(prompt), len(self.previous)))  # fmt: skip
-        details = r.usage.prompt_tokens_details
-        if k:
-            self.turns.append(
-                {"reusable": common // B * B - B, "cached": (details and details.cached_tokens) or 0}
-            )
-        self.previous = prompt + list(r.choices[0].token_ids)
-        self.messages.append({"role": "assistant", "content": r.choices[0].message.content})
-
-
-def _run(base_url: str, model: str) -> dict:
-    """Turn k of every chat (4 at a time, in a shuffled order), then turn k + 1: between two turns of a chat
-    the replicas serve the other chats, as between a user's messages."""
-    chats = [_Chat(base_url, model, c) for c in range(CHATS)]
-    order = random.Random(0)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for k in range(TURNS):
-            list(pool.map(lambda chat, k=k: chat.turn(k), order.sample(chats, len(chats))))
-    turns = [t for chat in chats for t in chat.turns]
-    hits = sum(1 for t in turns if t["cached"] >= t["reusable"])
-    cached, reusable = sum(t["cached"] for t in turns), sum(t["reusable"] for t in turns)
-    return {"turns": len(turns), "turns_hit": hits, "cached_over_reusable": cached / reusable}
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,22 @@ def _unregister(names: set[str]) -> None:
             REGISTRY.unregister(collector)
 
 
+def _metric_classes() -> tuple[type, type]:
+    """(Gauge, Counter): prometheus_client's for `vllm serve` (its /metrics), Ray's metrics (vLLM's wrappers,
+    names with ':' as '_') inside a Ray Serve replica, whose process has no HTTP server of its own: Ray
+    exports them as vLLM's RayPrometheusStatLogger does its own."""
+    try:
+        from vllm.v1.metrics.ray_wrappers import RayCounterWrapper, RayGaugeWrapper, _get_replica_id
+
+        if _get_replica_id():
+            return RayGaugeWrapper, RayCounterWrapper
+    except ImportError:  # no Ray installed
+        pass
+    from prometheus_client import Counter, Gauge
+
+    return Gauge, Counter
+
+
 class SinksStatLogger(AggregateStatLoggerBase):
     """Stat-logger plugin: SINKS metrics on the API server's /metrics (inert without SINKS stats)."""
 
@@ -146,8 +162,7 @@ class SinksStatLogger(AggregateStatLoggerBase):
     }
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
-        from prometheus_client import Counter, Gauge
-
+        Gauge, Counter = _metric_classes()
         self.engine_indexes = engine_indexes or [0]
         # Installed but not selected: export nothing (no empty vllm_sinks:* families on /metrics) and leave
         # every other collector alone.

@@ -2,6 +2,8 @@
 
 affinity.py  the chat key of a request and the placement of chats on replicas (pure logic);
 proxy.py     an OpenAI-compatible router in front of N `vllm serve` replicas, sessions included;
+ray_serve.py the same placement as a Ray Serve request router, and the LLMConfig of SINKS replicas for Ray
+             Serve LLM (imports Ray: not imported here);
 __main__.py  `python -m vllm_sinks.routing --replica URL --replica URL ...`.
 """
 

@@ -73,6 +73,12 @@ def _weight(key: str, replica: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{replica}\0{key}".encode(), digest_size=8).digest(), "big")
 
 
+def rendezvous_order(key: str, replicas: Sequence[str]) -> list[str]:
+    """The replicas in this key's order of preference (highest-random-weight hashing): removing a replica
+    moves only the keys it came first for."""
+    return sorted(replicas, key=lambda name: _weight(key, name), reverse=True)
+
+
 @dataclass
 class Replica:
     url: str
@@ -99,8 +105,8 @@ class AffinityTable:
 
     def order(self, key: str) -> list[Replica]:
         """The live replicas in this key's order of preference."""
-        live = [r for r in self.replicas.values() if r.alive]
-        return sorted(live, key=lambda r: _weight(key, r.url), reverse=True)
+        live = {r.url: r for r in self.replicas.values() if r.alive}
+        return [live[url] for url in rendezvous_order(key, list(live))]
 
     def place(self, key: str | None) -> Replica:
         live = [r for r in self.replicas.values() if r.alive]

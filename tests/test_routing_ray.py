@@ -1,6 +1,6 @@
 """ChatAffinityRouter (vllm_sinks.routing.ray_serve) inside a real Ray Serve app, without engines: an echo
 deployment of two replicas that each hold 8 requests at most, called through a handle with OpenAI-like
-bodies of 8 chats. Every call of a chat reaches one replica, in order and in bursts far past the replicas'
+bodies of 16 chats. Every call of a chat reaches one replica, in order and in bursts far past the replicas'
 room (256 at once: Ray Serve queues them, the router keeps each chat's replica), and none is lost."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray Serve (bash scripts/setup.sh installs ray[serve] 2.58.1)")
 pytest.importorskip("ray.serve")
 
-CHATS = 8
+CHATS = 16
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def _calls(handle, chats: list[int]) -> list[tuple[int, int]]:
 
 def test_each_chat_stays_on_one_replica_through_bursts(handle):
     first = dict(_calls(handle, list(range(CHATS))))
-    assert len(set(first.values())) == 2  # 8 chats spread over both replicas
+    assert len(set(first.values())) == 2  # 16 chats over both replicas (by hashing: all on one, 2 ** -15)
     for burst in (64, 256):
         results = _calls(handle, [i % CHATS for i in range(burst)])
         assert len(results) == burst
@@ -71,3 +71,25 @@ def test_each_chat_stays_on_one_replica_through_bursts(handle):
         assert not moved, moved
     counts = collections.Counter(first.values())
     assert min(counts.values()) >= 1
+
+
+def test_request_key_is_the_chats_not_the_turns():
+    """The key of a Ray Serve LLM call: the session id (X-Session-ID), else `user`, else the first messages;
+    a chat's later turn (its whole history resent) has its first turn's key."""
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from vllm_sinks.routing.ray_serve import request_key
+
+    def call(messages, session="", user=None):
+        body = ChatCompletionRequest(model="m", messages=messages, user=user)
+        return SimpleNamespace(args=[body, None], metadata=SimpleNamespace(session_id=session))
+
+    first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    later = [*first, {"role": "assistant", "content": "x" * 100_000}, {"role": "user", "content": "more"}]
+    other = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "good morning"}]
+    assert request_key(call(later)) == request_key(call(first)) != request_key(call(other))
+    assert request_key(call(later, session="s1")) == request_key(call(other, session="s1")) == "session:s1"
+    assert request_key(call(later, user="u1")) == "user:u1"
+    assert request_key(None) is None

@@ -36,19 +36,36 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from vllm_sinks.routing.affinity import chat_key, rendezvous_order
+from vllm_sinks.routing.affinity import PREFIX_CHARS, PREFIX_TOKENS, chat_key, rendezvous_order
 
 ROUTER_CLASS = "vllm_sinks.routing.ray_serve:ChatAffinityRouter"
 
 
 def _body(pending_request: PendingRequest) -> Mapping[str, Any] | None:
-    """The OpenAI request body among a Ray Serve LLM handle call's arguments (a pydantic request model)."""
+    """The parts of the OpenAI request body (a pydantic model among a Ray Serve LLM handle call's arguments)
+    that chat_key reads: the messages up to the first user message, the prompt's start, `user`. A long chat
+    costs the router no more than a short one."""
     for arg in pending_request.args:
         if hasattr(arg, "messages") or hasattr(arg, "prompt"):
-            fields = {name: getattr(arg, name, None) for name in ("messages", "prompt", "user")}
+            messages = getattr(arg, "messages", None)
+            if isinstance(messages, list):
+                first: list[Any] = []
+                for message in messages:
+                    first.append(message)
+                    if _role(message) == "user":
+                        break
+                messages = first
+            prompt = getattr(arg, "prompt", None)
+            if isinstance(prompt, str | list):
+                prompt = prompt[: max(PREFIX_CHARS, PREFIX_TOKENS)]
+            fields = {"messages": messages, "prompt": prompt, "user": getattr(arg, "user", None)}
             # Message objects (pydantic or dicts) to plain JSON, as the HTTP proxy's chat_key sees them.
             return json.loads(json.dumps(fields, default=_plain))
     return None
+
+
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
 
 
 def _plain(value: Any) -> Any:

@@ -105,6 +105,7 @@ class ChatAffinityRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         if pending_request is None:
+            # The queue FIFOMixin serves: a private attribute of Ray 2.58's RequestRouter (check on upgrade).
             waiting = (r for r in self._pending_requests_to_fulfill if not r.future.done())
             pending_request = next(waiting, None)
         if pending_request is not None:

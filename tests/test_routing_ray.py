@@ -78,13 +78,15 @@ def test_request_key_is_the_chats_not_the_turns():
     a chat's later turn (its whole history resent) has its first turn's key."""
     from types import SimpleNamespace
 
+    from ray.serve._private.request_router.common import RequestRoutingContext
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     from vllm_sinks.routing.ray_serve import request_key
 
     def call(messages, session="", user=None):
         body = ChatCompletionRequest(model="m", messages=messages, user=user)
-        return SimpleNamespace(args=[body, None], metadata=SimpleNamespace(session_id=session))
+        return SimpleNamespace(args=[body, None], metadata=SimpleNamespace(session_id=session),
+                               routing_context=RequestRoutingContext())  # fmt: skip
 
     first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     later = [*first, {"role": "assistant", "content": "x" * 100_000}, {"role": "user", "content": "more"}]
@@ -93,3 +95,7 @@ def test_request_key_is_the_chats_not_the_turns():
     assert request_key(call(later, session="s1")) == request_key(call(other, session="s1")) == "session:s1"
     assert request_key(call(later, user="u1")) == "user:u1"
     assert request_key(None) is None
+    once = call(later, user="u1")
+    assert request_key(once) == "user:u1"
+    once.args[0].user = "u2"  # computed once per request, kept on its routing context: not read again
+    assert request_key(once) == "user:u1"

@@ -80,7 +80,8 @@ class SinksAttentionBackend(AttentionBackend):
         page at block_id x page_size_bytes, which is what vLLM's offloading worker copies. The kernels read
         the cache through its strides either way."""
         if include_num_layers_dimension:
-            # vLLM's protocol for "no layered order": one KV tensor per layer, no cross-layer cache
+            # vLLM's protocol for "no layered order" (AttentionBackend's cross-layer check and the KV
+            # connectors catch NotImplementedError): one KV tensor per layer, no cross-layer cache
             raise NotImplementedError("SINKS has no cross-layer KV cache layout")
         return (1, 0, 2, 3, 4) if block_major_kv_pages() else (0, 1, 2, 3, 4)
 

@@ -127,9 +127,8 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
         sinks, window = self.sink_groups[group_idx]
         if chunk < sinks:
             return True
-        prompt_end = (req_status.req.num_prompt_tokens - 1) // self.config.kv_group_configs[
-            group_idx
-        ].tokens_per_chunk
+        tokens_per_chunk = self.config.kv_group_configs[group_idx].tokens_per_chunk
+        prompt_end = (req_status.req.num_prompt_tokens - 1) // tokens_per_chunk
         if prompt_end - window <= chunk < prompt_end:
             return True
         return req_status.req.is_finished() and num_chunks - window <= chunk < num_chunks

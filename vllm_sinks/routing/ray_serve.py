@@ -74,14 +74,17 @@ def _plain(value: Any) -> Any:
 
 
 def request_key(pending_request: PendingRequest | None) -> str | None:
-    """A request's chat key (affinity.chat_key), None when the request carries none."""
+    """A request's chat key (affinity.chat_key), None when the request carries none. Computed once per
+    request (kept on its routing context): Ray Serve asks the router again at every backoff, and once more
+    when the request is routed."""
     if pending_request is None:
         return None
-    session = pending_request.metadata.session_id
-    headers = {"x-session-id": session} if session else {}
-    body = _body(pending_request)
-    key, _ = chat_key(body or {}, headers)
-    return key
+    context = pending_request.routing_context
+    if not hasattr(context, "vllm_sinks_key"):
+        session = pending_request.metadata.session_id
+        headers = {"x-session-id": session} if session else {}
+        context.vllm_sinks_key, _ = chat_key(_body(pending_request) or {}, headers)
+    return context.vllm_sinks_key
 
 
 class ChatAffinityRouter(FIFOMixin, RequestRouter):
@@ -95,7 +98,6 @@ class ChatAffinityRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, max_keys: int = 1_000_000) -> None:
         self.max_keys = max_keys
         self.placed: OrderedDict[str, str] = OrderedDict()  # chat key -> replica id (full id string)
-        self.counts = dict.fromkeys(("returning", "new", "moved", "unkeyed"), 0)
 
     async def choose_replicas(
         self,
@@ -114,15 +116,12 @@ class ChatAffinityRouter(FIFOMixin, RequestRouter):
             pending_request.routing_context.should_backoff = True
         key = request_key(pending_request)
         if key is None:
-            self.counts["unkeyed"] += 1
             return [candidate_replicas]  # Ray Serve picks the least loaded of the rank
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         home = self.placed.get(key)
         if home is not None and home in by_id:
-            self.counts["returning"] += 1
             self.placed.move_to_end(key)
             return [[by_id[home]]]
-        self.counts["moved" if home is not None else "new"] += 1
         return [[by_id[name]] for name in rendezvous_order(key, list(by_id))]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,

@@ -132,17 +132,29 @@ def test_paused_chats_resume_from_host_memory(runs):
 
 
 def test_resumed_chats_equal_the_all_in_gpu_engine(runs):
+    """Turn 2 of each chat whose turn-2 prompt is the same in both engines. A chat's prompt holds its turn-1
+    reply, and turn 1 runs in different bf16 batches in the two engines (the 96-block pool preempts, the
+    all-in-GPU pool does not): a near-tie in turn 1 can pick another reply, and then the two turn 2s answer
+    different prompts (H100, 2026-12-07: 3 of 24 chats; both engines' turn 2s agree with the float32
+    reference on their own prompts). Compared: the first token (computed from the resumed state alone) and
+    the greedy tokens."""
     _, r = runs
-    _, gpu = r["gpu"]
-    _, off = r["offload"]
-    equal = sum(a == b for o, g in zip(off, gpu, strict=True)
-                for a, b in zip(o.outputs[0].token_ids, g.outputs[0].token_ids, strict=True))  # fmt: skip
-    total = CHATS * REPLY
-    worst = max(abs(_first_logprob(o)[1] - _first_logprob(g)[1]) for o, g in zip(off, gpu, strict=True))
-    print(f"offload vs all-in-GPU: {equal}/{total} tokens equal; first-token logprob max diff {worst:.4f}")
-    assert all(_first_logprob(o)[0] == _first_logprob(g)[0] for o, g in zip(off, gpu, strict=True))
+    prompts_gpu, gpu = r["gpu"]
+    prompts_off, off = r["offload"]
+    same = [i for i in range(CHATS) if prompts_gpu[i] == prompts_off[i]]
+    pairs = [(off[i].outputs[0].token_ids, gpu[i].outputs[0].token_ids) for i in same]
+    equal = sum(a == b for o, g in pairs for a, b in zip(o, g, strict=True))
+    total = len(same) * REPLY
+    worst = max((abs(_first_logprob(off[i])[1] - _first_logprob(gpu[i])[1]) for i in same), default=0.0)
+    print(
+        f"offload vs all-in-GPU: {len(same)} of {CHATS} chats with the same turn-2 prompt; {equal}/{total} "
+        f"tokens equal; first-token logprob max diff {worst:.4f}"
+    )
+    assert len(same) >= 2 * CHATS // 3, "turn 1 differed in too many chats to compare the engines"
+    assert all(_first_logprob(off[i])[0] == _first_logprob(gpu[i])[0] for i in same)
     assert worst < TIE
-    assert equal >= 0.95 * total
+    # after the first token, a bf16 near-tie in either engine may branch a reply (reference test below)
+    assert equal >= 0.9 * total
 
 
 def test_resumed_chats_equal_the_float32_reference(runs):
@@ -169,13 +181,14 @@ def test_resumed_chats_equal_the_float32_reference(runs):
 
 def test_corrupted_sinks_on_the_host_change_the_outputs(runs):
     """The tests above see the sinks: stored from the wrong block, the host-resumed chats' first tokens move
-    (most beyond TIE: 7 of 8 chats in the float32 reference with sinks replaced by the next 4 tokens)."""
+    (most beyond TIE: 7 of 8 chats in the float32 reference with sinks replaced by the next 4 tokens).
+    Compared with the offloading engine of the same pool: the same batches, so the same turn-2 prompts."""
     _, r = runs
-    _, gpu = r["gpu"]
-    _, bad = r["corrupted"]
-    hits = _turn2_index(r["corrupted_host_hits"], bad)
+    prompts_ok, ok = r["offload"]
+    prompts_bad, bad = r["corrupted"]
+    hits = [i for i in _turn2_index(r["corrupted_host_hits"], bad) if prompts_bad[i] == prompts_ok[i]]
     assert len(hits) >= 8
-    moved = [i for i in hits if abs(_first_logprob(bad[i])[1] - _first_logprob(gpu[i])[1]) >= TIE
-             or _first_logprob(bad[i])[0] != _first_logprob(gpu[i])[0]]  # fmt: skip
+    moved = [i for i in hits if abs(_first_logprob(bad[i])[1] - _first_logprob(ok[i])[1]) >= TIE
+             or _first_logprob(bad[i])[0] != _first_logprob(ok[i])[0]]  # fmt: skip
     print(f"sinks corrupted on the host: {len(moved)} of {len(hits)} host-resumed chats moved")
     assert len(moved) >= len(hits) // 2

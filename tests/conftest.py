@@ -9,6 +9,10 @@ import sys
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Every engine process compiles vLLM-CPU's sampler with torch inductor, whose first compile in a process
+# probes the CPU's vector ISAs by starting a Python interpreter per ISA (~3.5 s of each engine's start on the
+# 2-core CI host). The ISAs the CPU reports (cpuid) are trusted instead; nothing SINKS computes changes.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 # Engine cores are spawned, never forked: a forked child cannot use CUDA once the test process touched it.
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 sys.path.insert(0, os.path.dirname(__file__))

@@ -54,6 +54,10 @@ def run(request, model_dir, tmp_path_factory):
     from vllm.inputs import TokensPrompt
 
     S, W, model, lengths = request.param
+    # One process: the engine core and its worker run in the test process (no spawned processes to start,
+    # and vLLM's compiled sampler is compiled once for all configurations).
+    env = pytest.MonkeyPatch()
+    env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if model == "gptj":
         from vllm_sinks_testing.tiny_model import build_tiny_gptj
 
@@ -71,6 +75,7 @@ def run(request, model_dir, tmp_path_factory):
         max_num_batched_tokens=96,  # small chunks: many chunk boundaries, prefill mixed with decode
         enable_prefix_caching=False,
         gpu_memory_utilization=0.3,
+        distributed_executor_backend="uni",
         additional_config={"sinks": {"attention_sink_size": S, "attention_sink_window_size": W}}
         if model.startswith("mistral")
         else {"sinks": {"sink_tokens": S, "window_tokens": W}},
@@ -83,6 +88,7 @@ def run(request, model_dir, tmp_path_factory):
     )
     shut_down(llm)
     del llm
+    env.undo()
     return path, S, W, prompts, outs
 
 

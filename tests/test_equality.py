@@ -54,32 +54,33 @@ def run(request, model_dir, tmp_path_factory):
     from vllm.inputs import TokensPrompt
 
     S, W, model, lengths = request.param
-    # One process: the engine core and its worker run in the test process (no spawned processes to start,
-    # and vLLM's compiled sampler is compiled once for all configurations).
-    env = pytest.MonkeyPatch()
-    env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if model == "gptj":
         from vllm_sinks_testing.tiny_model import build_tiny_gptj
 
         path = build_tiny_gptj(str(tmp_path_factory.mktemp("gptj")))
     else:
         path = model_dir(model, **MODELS[model])
-    llm = LLM(
-        model=path,
-        attention_backend="SINKS",
-        dtype="float32",
-        enforce_eager=True,
-        block_size=16,
-        max_num_seqs=8,
-        max_logprobs=-1,
-        max_num_batched_tokens=96,  # small chunks: many chunk boundaries, prefill mixed with decode
-        enable_prefix_caching=False,
-        gpu_memory_utilization=0.3,
-        distributed_executor_backend="uni",
-        additional_config={"sinks": {"attention_sink_size": S, "attention_sink_window_size": W}}
-        if model.startswith("mistral")
-        else {"sinks": {"sink_tokens": S, "window_tokens": W}},
-    )
+    # One process: the engine core and its worker run in the test process (no spawned processes to start,
+    # and vLLM's compiled sampler is compiled once for all configurations). vLLM reads the variable when
+    # the engine is built.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        llm = LLM(
+            model=path,
+            attention_backend="SINKS",
+            dtype="float32",
+            enforce_eager=True,
+            block_size=16,
+            max_num_seqs=8,
+            max_logprobs=-1,
+            max_num_batched_tokens=96,  # small chunks: many chunk boundaries, prefill mixed with decode
+            enable_prefix_caching=False,
+            gpu_memory_utilization=0.3,
+            distributed_executor_backend="uni",
+            additional_config={"sinks": {"attention_sink_size": S, "attention_sink_window_size": W}}
+            if model.startswith("mistral")
+            else {"sinks": {"sink_tokens": S, "window_tokens": W}},
+        )
     g = torch.Generator().manual_seed(S * 7919 + W)
     prompts = [torch.randint(3, 380, (n,), generator=g).tolist() for n in lengths]
     outs = llm.generate(
@@ -88,7 +89,6 @@ def run(request, model_dir, tmp_path_factory):
     )
     shut_down(llm)
     del llm
-    env.undo()
     return path, S, W, prompts, outs
 
 

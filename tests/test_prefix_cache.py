@@ -70,17 +70,16 @@ def _answer_without_cache(path: str, prompts: list[list[int]]) -> list[list[int]
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    env = pytest.MonkeyPatch()
-    env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    llm = LLM(model=path, attention_backend="SINKS", enforce_eager=True, block_size=B, dtype="float32",
-              gpu_memory_utilization=0.3, max_num_seqs=4, enable_prefix_caching=False,
-              distributed_executor_backend="uni",
-              additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}})  # fmt: skip
+    with pytest.MonkeyPatch.context() as env:  # vLLM reads it when the engine is built
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        llm = LLM(model=path, attention_backend="SINKS", enforce_eager=True, block_size=B, dtype="float32",
+                  gpu_memory_utilization=0.3, max_num_seqs=4, enable_prefix_caching=False,
+                  distributed_executor_backend="uni",
+                  additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}})  # fmt: skip
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     replies = [list(llm.generate([TokensPrompt(prompt_token_ids=p)], params)[0].outputs[0].token_ids)
                for p in prompts]  # fmt: skip
     shut_down(llm)
-    env.undo()
     return replies
 
 

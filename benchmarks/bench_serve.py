@@ -206,7 +206,8 @@ class Load:
             start = self.start = time.monotonic()
             deadline = start + self.a.duration
             sampler = asyncio.create_task(self.sampler(client, start))
-            await asyncio.gather(*(self.chat(client, i, deadline) for i in range(self.a.chats)))
+            ids = range(self.a.first_chat, self.a.first_chat + self.a.chats)
+            await asyncio.gather(*(self.chat(client, i, deadline) for i in ids))
             elapsed = time.monotonic() - start
             # Idle: every chat finished or dropped. Give the engine a moment to settle, then read the pool.
             final: dict[str, float] = {}
@@ -245,6 +246,7 @@ class Load:
             "chats_past_until_prompt_tokens": self.chats_done if a.until_prompt_tokens else None,
             "prompt_tokens": {"total": sum(t["prompt_tokens"] or 0 for t in self.turn_log),
                               "cached": sum(t["cached_tokens"] or 0 for t in self.turn_log)},
+            "history_cached": history_cached(self.turn_log, a.block_size),
             "preemptions": _delta(self.samples, "vllm:num_preemptions_total"),
             "timeline": self.timeline(elapsed),
             "turns": self.turn_log,
@@ -272,6 +274,28 @@ class Load:
         return rows
 
 
+def history_cached(turn_log: list[dict], block_size: int = 16) -> dict:
+    """Every turn after a chat's first resends the chat's previous prompts (and replies, new messages): the
+    tokens of the last prompt the server reported for the chat that this turn found in the prefix cache, over
+    all such turns. A turn whose cached tokens reach that prompt's last whole block "hit" (one that
+    re-prefilled did not). Turns dropped mid-stream report no usage: they are not counted."""
+    previous: dict[int, int] = {}
+    resent = cached = turns = hits = 0
+    for t in sorted(turn_log, key=lambda t: t["t"]):
+        prompt, got = t["prompt_tokens"], t["cached_tokens"]
+        if prompt is None or got is None:
+            continue
+        if t["chat"] in previous:
+            before = previous[t["chat"]]
+            turns += 1
+            resent += before
+            cached += min(got, before)
+            hits += got >= before // block_size * block_size
+        previous[t["chat"]] = prompt
+    return {"turns": turns, "turns_hit": hits, "resent_tokens": resent, "cached_tokens": cached,
+            "ratio": round(cached / resent, 4) if resent else None}  # fmt: skip
+
+
 def _r(x: float | None, scale: float) -> float | None:
     return None if x is None else round(x * scale, 2)
 
@@ -286,6 +310,9 @@ def parse(argv=None):
     p.add_argument("--base-url", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--chats", type=int, default=100)
+    p.add_argument("--block-size", type=int, default=16, help="the server's KV block size")
+    p.add_argument("--first-chat", type=int, default=0,
+                   help="chat ids from N (each its own messages)")  # fmt: skip
     p.add_argument("--duration", type=float, default=300.0, help="seconds; turns in flight then finish")
     p.add_argument("--disconnect-rate", type=float, default=0.2)
     p.add_argument("--max-tokens", type=int, default=32)

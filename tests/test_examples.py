@@ -1,4 +1,6 @@
-"""The examples run on CPU with a tiny local model (smoke runs; what they print is checked, not timed)."""
+"""The examples run on CPU with a tiny local model (smoke runs; what they print is checked, not timed). The
+examples that talk to a server (endless_chat, multi_tenant, session_chat) run in tests/test_server.py against
+its server."""
 
 from __future__ import annotations
 
@@ -22,50 +24,6 @@ def test_offline_streaming_grows_past_trained_context_with_flat_kv(monkeypatch, 
     held = [r["kv_blocks_held_max"] for r in rows[3:]]
     # Flat: each round holds the sink block, the window and the round's new tokens, whatever the history.
     assert max(held) - min(held) <= 2 and max(held) <= 1 + -(-(60 + 130) // 16) + 1, held
-
-
-def test_endless_chat_computes_only_new_tokens_per_turn(model_dir, tmp_path):
-    import endless_chat
-    from serving import vllm_server
-
-    path = model_dir()
-    args = [
-        "--attention-backend", "SINKS", "--enforce-eager", "--block-size", "16", "--dtype", "float32",
-        "--gpu-memory-utilization", "0.3", "--max-num-seqs", "4", "--enable-prompt-tokens-details",
-        "--additional-config", '{"sinks": {"sink_tokens": 4, "window_tokens": 60}}',
-    ]  # fmt: skip
-    with vllm_server(path, args, str(tmp_path / "server.log")) as srv:
-        rows = endless_chat.main(["--base-url", srv.base_url + "/v1", "--model", path, "--turns", "12"])
-    assert rows[-1]["prompt_tokens"] > 5 * 64
-    # From the second turn on, the server computes the new text only (plus at most a partial block or two
-    # where re-tokenized history differs from the generated tokens), however long the conversation.
-    computed = [r["computed_prompt_tokens"] for r in rows[2:]]
-    assert max(computed) < 0.5 * rows[-1]["prompt_tokens"], rows
-    # The server's KV blocks for the conversation (from /metrics, mid-reply, decode only): one sink block and
-    # the blocks of the 60-token window, a handful, while the conversation grows past 80 blocks: flat.
-    blocks = [r["server_kv_blocks"] for r in rows]
-    assert all(b is not None and 0 < b <= 8 for b in blocks), blocks
-    assert rows[-1]["prompt_tokens"] // 16 > 80
-
-
-def test_multi_tenant_with_disconnects_leaves_no_kv_in_use(model_dir, tmp_path):
-    import multi_tenant
-    from serving import vllm_server
-
-    path = model_dir()
-    args = [
-        "--attention-backend", "SINKS", "--enforce-eager", "--block-size", "16", "--dtype", "float32",
-        "--gpu-memory-utilization", "0.3", "--max-num-seqs", "8",
-        "--additional-config", '{"sinks": {"sink_tokens": 4, "window_tokens": 60}}',
-    ]  # fmt: skip
-    with vllm_server(path, args, str(tmp_path / "server.log")) as srv:
-        stats = multi_tenant.main(
-            ["--base-url", srv.base_url, "--model", path, "--tenants", "8", "--turns", "3", "--drop", "0.4"]
-        )
-        assert srv.proc.poll() is None
-    assert stats["dropped"] > 0 and stats["turns"] == 8 * 3
-    assert stats["kv_cache_usage_peak"] > 0.0  # the metric moves while tenants talk ...
-    assert stats["kv_cache_usage_after"] == 0.0  # ... and every block is back once they are gone
 
 
 @pytest.mark.slow

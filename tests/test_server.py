@@ -2,16 +2,21 @@
 `openai` client: a streamed chat reply, OpenAI-style 4xx for bad requests while the server keeps serving,
 and SINKS named in the server log. The server loads the plugin's endpoints (VLLM_PLUGINS=sinks): live
 sessions over HTTP (/v1/sessions), their errors, a client that disconnects mid-reply, the idle timeout, and
-no KV block left held afterwards."""
+no KV block left held afterwards. The examples that talk to a server run against it too."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 from serving import vllm_server
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
 SINKS_ARGS = [
     "--attention-backend", "SINKS", "--enforce-eager", "--block-size", "16", "--dtype", "float32",
-    "--gpu-memory-utilization", "0.3", "--max-num-seqs", "8",
+    "--gpu-memory-utilization", "0.3", "--max-num-seqs", "8", "--enable-prompt-tokens-details",
     "--additional-config", '{"sinks": {"sink_tokens": 4, "window_tokens": 60}}',
 ]  # fmt: skip
 
@@ -99,6 +104,37 @@ def test_metrics_endpoint_exports_sinks_metrics(server):
     assert values["vllm_sinks:held_blocks"] == 0 and values["vllm_sinks:streams"] == 0  # all finished
     assert f"up to {int(streams)} streams decode at once" in srv.log()
     assert f"a stream holds <= {int(decode)} KV blocks decoding, <= {int(bound)} prefilling" in srv.log()
+
+
+def test_endless_chat_example_computes_only_new_tokens_per_turn(server):
+    """examples/endless_chat.py: one chat resent whole every turn."""
+    import endless_chat
+
+    base, path, _, _ = server
+    rows = endless_chat.main(["--base-url", base + "/v1", "--model", path, "--turns", "12"])
+    assert rows[-1]["prompt_tokens"] > 5 * 64
+    # From the second turn on, the server computes the new text only (plus at most a partial block or two
+    # where re-tokenized history differs from the generated tokens), however long the conversation.
+    computed = [r["computed_prompt_tokens"] for r in rows[2:]]
+    assert max(computed) < 0.5 * rows[-1]["prompt_tokens"], rows
+    # The server's KV blocks for the conversation (from /metrics, mid-reply, decode only): one sink block and
+    # the blocks of the 60-token window, a handful, while the conversation grows past 80 blocks: flat.
+    blocks = [r["server_kv_blocks"] for r in rows]
+    assert all(b is not None and 0 < b <= 8 for b in blocks), blocks
+    assert rows[-1]["prompt_tokens"] // 16 > 80
+
+
+def test_multi_tenant_example_with_disconnects_leaves_no_kv_in_use(server):
+    """examples/multi_tenant.py: 8 tenants, 40% of replies dropped mid-stream."""
+    import multi_tenant
+
+    base, path, proc, _ = server
+    args = ["--base-url", base, "--model", path, "--tenants", "8", "--turns", "3", "--drop", "0.4"]
+    stats = multi_tenant.main(args)
+    assert proc.poll() is None
+    assert stats["dropped"] > 0 and stats["turns"] == 8 * 3
+    assert stats["kv_cache_usage_peak"] > 0.0  # the metric moves while tenants talk ...
+    assert stats["kv_cache_usage_after"] == 0.0  # ... and every block is back once they are gone
 
 
 def _sse(resp, lines=None) -> tuple[str, list[dict]]:
@@ -218,10 +254,6 @@ def test_idle_session_times_out(server):
 
 def test_session_chat_example(server):
     """examples/session_chat.py: the streaming demo's prompts as one live session over HTTP."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     import session_chat
 
     base, path, _, _ = server

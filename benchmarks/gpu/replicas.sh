@@ -85,7 +85,10 @@ import json, re, sys
 out, kill_at = sys.argv[1], float(sys.argv[2])
 summary = {}
 for name in ("affinity", "power-of-two", "kill"):
-    d = json.load(open(f"{out}/serve_{name}.json"))
+    try:
+        d = json.load(open(f"{out}/serve_{name}.json"))
+    except FileNotFoundError:
+        continue
     row = {k: d[k] for k in ("turns_completed", "elapsed_s", "ttft_ms", "errors", "error_examples", "status",
                              "history_cached", "chats_past_until_prompt_tokens")}
     row["turns_per_s"] = round(d["turns_completed"] / d["elapsed_s"], 2)

@@ -199,6 +199,10 @@ def run_case(llm, tracker, a, chats: int, seed: int) -> dict:
         "turn2_cached_tokens": sum(cached2),
         "turn2_computed_tokens": sum(len(p) for p in prompts2) - sum(cached2),
         "turn2_preemptions": preempt_turn2,
+        # cached tokens of each chat that re-prefilled (a state lost shows as 0 or its sink block)
+        "turn2_not_resumed_cached": [
+            c for c, r in zip(cached2, reusable2, strict=True) if not resumed(c, r, block_size)
+        ],
         "states_whole_after_turn2": tracker.whole(ids2),
         "preemptions_total": tracker.preemptions - preempt0,
         "turn2_s_per_chat": round(wall2 / chats, 4),

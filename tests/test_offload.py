@@ -106,6 +106,75 @@ def test_host_lru_evicts_least_recent_states_first(tiny):
     assert host_hits == [True, True, False, False, False, False]
 
 
+def _finish_then_reuse_at_once(h: OffloadHarness) -> tuple[list[int], list[int]]:
+    """Chat a's turn 1 finishes with every other free block taken (as when running streams fill the pool),
+    so the next step's prefill (b) reuses a's freed state blocks in the step that builds a's last store.
+    Returns a's turn-2 prompt."""
+    rng = random.Random(3)
+    first = _prompt(rng, 400)
+    h.add("a", first, 40)
+    while not h.requests["a"].is_finished():
+        h.step()
+    pool = h.manager().block_pool
+    queue = pool.free_block_queue
+    held = pool.get_new_blocks(queue.num_dead_blocks)  # only a's state is left free
+    assert queue.num_dead_blocks == 0 and queue.num_free_blocks == 8  # a's state; b's prompt takes 7
+    h.add("b", _prompt(rng, 100), 4)
+    h.run()
+    pool.free_blocks(held)
+    return first + h.outputs["a"] + _prompt(rng, 20)
+
+
+def test_a_finished_chats_state_is_stored_when_its_blocks_are_reused_at_once(tiny):
+    """Its window reaches the host (stored before the step's forward overwrites the blocks, checked by the
+    rows check when turn 2 loads it), and turn 2 computes only what follows."""
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    second = _finish_then_reuse_at_once(h)
+    h.add("a2", second, 1)
+    h.run()
+    assert h.policy.num_host_hits == 1
+    assert h.num_computed_tokens_scheduled["a2"] == (400 + 40 - 1) // 16 * 16
+    assert h.manager().block_pool.get_num_free_blocks() == 48 - 1
+
+
+def test_vllms_update_drops_that_state(tiny, monkeypatch):
+    """The same under vLLM's own _update_req_states, which zeroes the reused blocks' pending positions:
+    nothing of a's window reaches the host and turn 2 re-prefills all but its sink block."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.scheduler import OffloadingConnectorScheduler
+
+    from vllm_sinks.kv.offload import SinkOffloadingScheduler
+
+    monkeypatch.setattr(
+        SinkOffloadingScheduler, "_update_req_states", OffloadingConnectorScheduler._update_req_states
+    )
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    second = _finish_then_reuse_at_once(h)
+    h.add("a2", second, 1)
+    h.run()
+    assert h.policy.num_host_hits == 0
+    assert h.num_computed_tokens_scheduled["a2"] == 16
+
+
+def test_the_rows_check_sees_a_store_not_flushed(tiny, monkeypatch):
+    """Kept but not flushed, a's window is stored after b's forward wrote b's KV into its blocks: the
+    resumed turn reads b's KV, and the rows check fails."""
+    from vllm_sinks.kv.offload import SinkOffloadingScheduler
+
+    original = SinkOffloadingScheduler._build_store_jobs
+
+    def no_flush(self, scheduler_output):
+        jobs = original(self, scheduler_output)
+        self._current_batch_jobs_to_flush.difference_update(jobs)
+        return jobs
+
+    monkeypatch.setattr(SinkOffloadingScheduler, "_build_store_jobs", no_flush)
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    second = _finish_then_reuse_at_once(h)
+    h.add("a2", second, 1)
+    with pytest.raises(AssertionError, match="a2: block .* does not hold its KV"):
+        h.run()
+
+
 def test_stock_policy_loses_the_sinks(tiny, monkeypatch):
     """The same resume under vLLM's own policy, which sees a plain sliding window: the sink block the KV
     manager allocates for the hit is one more block than its window, and vLLM's scheduler asserts."""

@@ -106,6 +106,31 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
         self.num_host_hits = 0
 
     # -- what is stored ------------------------------------------------------------------------------------
+    def _update_req_states(self, scheduler_output: SchedulerOutput) -> None:
+        """vLLM's update, but a request that just finished keeps the block ids of its SINKS groups.
+
+        vLLM zeroes a sliding-window group's not-yet-stored positions whose block was allocated again in
+        this step (a stale id: a block the window freed). A finished request's last window is stored in this
+        very step (its store job is built now, from `finished_req_ids`), and its blocks were freed when it
+        finished: when running streams fill the pool, the next prefill takes them at once, vLLM zeroes them,
+        and the chat's state neither reaches the host nor stays on the GPU (its next turn re-prefills). Those
+        blocks still hold the chat's KV until this step's forward writes them, so they are kept and their
+        store is flushed before the forward (`_build_store_jobs`). Running requests keep vLLM's zeroing.
+        upstream: flush rather than zero a finished request's sliding-window blocks in
+        OffloadingConnectorScheduler._update_req_states, as it does for full-attention blocks."""
+        kept: list[tuple[list[int], list[int]]] = []
+        if self.sink_groups:
+            for req_id in scheduler_output.finished_req_ids or ():
+                req_status = self._req_status.get(req_id)
+                if req_status is None:
+                    continue
+                for group_idx in self.sink_groups:
+                    block_ids = req_status.group_states[group_idx].block_ids
+                    kept.append((block_ids, list(block_ids)))
+        super()._update_req_states(scheduler_output)
+        for block_ids, before in kept:
+            block_ids[:] = before
+
     def _calc_num_offloadable_tokens(self, req_status: RequestOffloadState, num_computed_tokens: int) -> int:
         """vLLM's bound, less the running window of an unfinished request: its chunks are stored when they
         leave the window (if a later request can hit them) or when the request ends. A finished request's

@@ -11,7 +11,9 @@ transfers, the host store (its LRU) and the worker stay vLLM's. One offloaded ch
   before its end (what the next turn hits, reply included: under SINKS `offload_prompt_only` defaults to
   false). Chunks still inside the running window are stored only when they leave it or the request ends, so
   middle chunks never leave the GPU: a paused chat costs ceil(S/B) + ceil((W+1)/B) chunks on the host plus
-  one per B tokens of its last reply (up to a second window), whatever its length.
+  one per B tokens of its last reply (up to a second window), whatever its length. A block of a state that
+  the pool hands out again before its chunk is stored (running streams fill the pool) is stored in that very
+  step, flushed before the forward overwrites it (`_update_req_states`).
 * lookup: a hit ends at chunk n when chunks [0, ceil(S/B)) and the window run before n are stored, as the GPU
   prefix cache hits (kv.manager.SinkWindowManager.find_longest_cache_hit), or when [0, n) all are.
 * load: exactly the chunks whose GPU blocks the KV manager allocated for the hit (sinks and window; the
@@ -100,6 +102,16 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
                 f"SINKS offloads one GPU block per chunk, not {self.config.blocks_per_chunk}: "
                 "remove 'block_size' / 'blocks_per_chunk' from the connector's extra config"
             )
+        # Window tokens of the SINKS groups (one W for all; checked by the spec's construction).
+        self._window_tokens = (
+            next(
+                kv_cache_config.kv_cache_groups[g].kv_cache_spec.sliding_window - 1 for g in self.sink_groups
+            )
+            if self.sink_groups
+            else 0
+        )
+        # Running requests' resumable positions whose blocks this step allocated again (to store now).
+        self._reused_resumable: dict[str, list[tuple[int, int, int]]] = {}
         # Counters for metrics: states' chunks stored, loaded (host -> GPU), and requests that hit the host.
         self.num_stored_chunks = 0
         self.num_loaded_chunks = 0
@@ -107,29 +119,66 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
 
     # -- what is stored ------------------------------------------------------------------------------------
     def _update_req_states(self, scheduler_output: SchedulerOutput) -> None:
-        """vLLM's update, but a request that just finished keeps the block ids of its SINKS groups.
+        """vLLM's update, less its loss of resumable states under a full pool.
 
         vLLM zeroes a sliding-window group's not-yet-stored positions whose block was allocated again in
-        this step (a stale id: a block the window freed). A finished request's last window is stored in this
-        very step (its store job is built now, from `finished_req_ids`), and its blocks were freed when it
-        finished: when running streams fill the pool, the next prefill takes them at once, vLLM zeroes them,
-        and the chat's state neither reaches the host nor stays on the GPU (its next turn re-prefills). Those
-        blocks still hold the chat's KV until this step's forward writes them, so they are kept and their
-        store is flushed before the forward (`_build_store_jobs`). Running requests keep vLLM's zeroing.
-        upstream: flush rather than zero a finished request's sliding-window blocks in
-        OffloadingConnectorScheduler._update_req_states, as it does for full-attention blocks."""
+        this step (a stale id: a block the window freed), so they are never stored. Under SINKS two kinds of
+        such positions are a chat's resumable state, lost from the GPU and the host alike when running
+        streams fill the pool and the next allocation takes their blocks at once:
+        * a request that just finished: its last window, stored in this very step (its store job is built
+          now, from `finished_req_ids`). Its block ids are kept, and `_build_store_jobs` flushes the store.
+        * a running request's block that its window freed but that a block-aligned hit at its end (or a
+          regenerate) still needs (`_freed_resumable`: the window of a hit at the last block boundary
+          reaches up to a block further back than the last token's). Stored now, by its own flushed job.
+        Both blocks still hold the chat's KV until this step's forward writes them: a flushed store runs
+        before the forward.
+        upstream: flush rather than zero such blocks in OffloadingConnectorScheduler._update_req_states, as
+        it does for full-attention blocks, with a KV-cache-spec hook saying which positions a hit needs."""
+        if not self.sink_groups:
+            return super()._update_req_states(scheduler_output)
+        finished = set(scheduler_output.finished_req_ids or ())
+        preempted = set(scheduler_output.preempted_req_ids or ())
         kept: list[tuple[list[int], list[int]]] = []
-        if self.sink_groups:
-            for req_id in scheduler_output.finished_req_ids or ():
-                req_status = self._req_status.get(req_id)
-                if req_status is None:
-                    continue
-                for group_idx in self.sink_groups:
-                    block_ids = req_status.group_states[group_idx].block_ids
+        watched: list[tuple[str, int, int, int]] = []  # (request, group, position, block id)
+        for req_id, req_status in self._req_status.items():
+            for group_idx in self.sink_groups:
+                block_ids = req_status.group_states[group_idx].block_ids
+                if req_id in finished:
                     kept.append((block_ids, list(block_ids)))
+                elif req_id not in preempted and not req_status.req.is_finished():
+                    for i in self._freed_resumable(req_status, group_idx, scheduler_output):
+                        if block_ids[i]:
+                            watched.append((req_id, group_idx, i, block_ids[i]))
         super()._update_req_states(scheduler_output)
         for block_ids, before in kept:
             block_ids[:] = before
+        for req_id, group_idx, i, block_id in watched:
+            if self._req_status[req_id].group_states[group_idx].block_ids[i] == 0:
+                self._reused_resumable.setdefault(req_id, []).append((group_idx, i, block_id))
+
+    def _freed_resumable(
+        self, req_status: RequestOffloadState, group_idx: int, scheduler_output: SchedulerOutput
+    ) -> list[int]:
+        """Positions of a running request not stored yet, possibly freed by its window already, that a later
+        request can hit: the window before its prompt's end, and any that the window of a hit at a block
+        boundary at or after its current end needs (those at or after its last block less the window)."""
+        sinks, window = self.sink_groups[group_idx]
+        group_state = req_status.group_states[group_idx]
+        tokens_per_chunk = self.config.kv_group_configs[group_idx].tokens_per_chunk
+        req = req_status.req
+        num_tokens = req.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(req.request_id, 0)
+        # blocks wholly before the window of the next token (what the window has freed), one of margin
+        freed_end = min(
+            len(group_state.block_ids),
+            len(group_state.offload_keys),
+            max(0, num_tokens - self._window_tokens) // tokens_per_chunk + 1,
+        )
+        start = max(group_state.next_stored_chunk_idx, sinks)
+        prompt_end = (req.num_prompt_tokens - 1) // tokens_per_chunk
+        turn_end = (req.num_tokens - 1) // tokens_per_chunk
+        positions = range(max(start, prompt_end - window), min(prompt_end, freed_end))
+        later = range(max(start, turn_end - window, prompt_end), freed_end)
+        return [*positions, *later]
 
     def _calc_num_offloadable_tokens(self, req_status: RequestOffloadState, num_computed_tokens: int) -> int:
         """vLLM's bound, less the running window of an unfinished request: its chunks are stored when they
@@ -170,6 +219,9 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
                 if req_status is not None:
                     self._drop_middle_chunks(req_status, scheduler_output)
         jobs = super()._build_store_jobs(scheduler_output)
+        for req_id, reused in self._reused_resumable.items():
+            jobs.update(self._store_reused(req_id, reused))
+        self._reused_resumable.clear()
         for job_id in jobs:
             status: TransferJobStatus = self._jobs[job_id]
             self.num_stored_chunks += len(status.keys)
@@ -181,6 +233,50 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
             ):
                 self._current_batch_jobs_to_flush.add(job_id)
         return jobs
+
+    def _store_reused(self, req_id: str, reused: list[tuple[int, int, int]]) -> dict[int, TransferJob]:
+        """A store job, flushed before this step's forward, of a running request's resumable positions whose
+        blocks this step allocated again (`_update_req_states`). vLLM's own job later skips them (id 0)."""
+        req_status = self._req_status.get(req_id)
+        if req_status is None:
+            return {}
+        order = {g.group_idx: n for n, g in enumerate(self.config.kv_group_configs)}
+        reused = sorted(reused, key=lambda r: (order[r[0]], r[1]))
+        keys = [req_status.group_states[g].offload_keys[i] for g, i, _ in reused]
+        store_output = self.manager.prepare_store(keys, req_status.req_context)
+        if store_output is None or not store_output.keys_to_store:
+            return {}
+        to_store = set(store_output.keys_to_store)
+        src_block_ids: list[int] = []
+        group_sizes: list[int] = []
+        block_indices: list[int] = []
+        for group_config in self.config.kv_group_configs:
+            picked = [
+                (i, block_id)
+                for (g, i, block_id), key in zip(reused, keys, strict=True)
+                if g == group_config.group_idx and key in to_store
+            ]
+            for i, _ in picked:
+                key = req_status.group_states[group_config.group_idx].offload_keys[i]
+                self._events_tracker.record_store(req_status.req, group_config, i, key)
+            group_sizes.append(len(picked))
+            block_indices.append(picked[0][0] if picked else 0)
+            src_block_ids.extend(block_id for _, block_id in picked)
+        self._touch(req_status)
+        job_id = self._generate_job_id()
+        req_status.transfer_jobs.add(job_id)
+        for block_id in src_block_ids:
+            self._block_id_to_pending_jobs.setdefault(block_id, set()).add(job_id)
+        self._jobs[job_id] = TransferJobStatus(
+            req_id=req_id,
+            pending_count=self.config.num_workers,
+            keys=to_store,
+            is_store=True,
+            sliding_window_block_ids=src_block_ids,
+        )
+        self._current_batch_jobs_to_flush.add(job_id)
+        src_spec = GPULoadStoreSpec(src_block_ids, group_sizes=group_sizes, block_indices=block_indices)
+        return {job_id: TransferJob(req_id=req_id, src_spec=src_spec, dst_spec=store_output.store_spec)}
 
     def _drop_middle_chunks(self, req_status: RequestOffloadState, scheduler_output: SchedulerOutput) -> None:
         req = req_status.req

@@ -125,16 +125,20 @@ def _finish_then_reuse_at_once(h: OffloadHarness) -> tuple[list[int], list[int]]
     return first + h.outputs["a"] + _prompt(rng, 20)
 
 
+def _turn_two_after(tiny, scenario) -> tuple[int, int, int]:
+    """Runs `scenario` (turn 1 of chat a) in a 48-block pool, then a's turn 2: the host hits, the tokens
+    turn 2 found computed, and the free blocks at the end."""
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    h.add("a2", scenario(h), 1)
+    h.run()
+    pool = h.manager().block_pool
+    return h.policy.num_host_hits, h.num_computed_tokens_scheduled["a2"], pool.get_num_free_blocks()
+
+
 def test_a_finished_chats_state_is_stored_when_its_blocks_are_reused_at_once(tiny):
     """Its window reaches the host (stored before the step's forward overwrites the blocks, checked by the
     rows check when turn 2 loads it), and turn 2 computes only what follows."""
-    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
-    second = _finish_then_reuse_at_once(h)
-    h.add("a2", second, 1)
-    h.run()
-    assert h.policy.num_host_hits == 1
-    assert h.num_computed_tokens_scheduled["a2"] == (400 + 40 - 1) // 16 * 16
-    assert h.manager().block_pool.get_num_free_blocks() == 48 - 1
+    assert _turn_two_after(tiny, _finish_then_reuse_at_once) == (1, (400 + 40 - 1) // 16 * 16, 48 - 1)
 
 
 def test_vllms_update_drops_that_state(tiny, monkeypatch):
@@ -147,12 +151,7 @@ def test_vllms_update_drops_that_state(tiny, monkeypatch):
     monkeypatch.setattr(
         SinkOffloadingScheduler, "_update_req_states", OffloadingConnectorScheduler._update_req_states
     )
-    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
-    second = _finish_then_reuse_at_once(h)
-    h.add("a2", second, 1)
-    h.run()
-    assert h.policy.num_host_hits == 0
-    assert h.num_computed_tokens_scheduled["a2"] == 16
+    assert _turn_two_after(tiny, _finish_then_reuse_at_once)[:2] == (0, 16)
 
 
 def _window_block_reused_while_running(h: OffloadHarness) -> list[int]:
@@ -178,13 +177,7 @@ def _window_block_reused_while_running(h: OffloadHarness) -> list[int]:
 def test_a_window_block_reused_while_the_chat_runs_is_stored(tiny):
     """Stored in the step its block is taken (flushed before the forward writes it; the rows check reads
     it back on turn 2), so turn 2 resumes from the host at the last block boundary."""
-    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
-    second = _window_block_reused_while_running(h)
-    h.add("a2", second, 1)
-    h.run()
-    assert h.policy.num_host_hits == 1
-    assert h.num_computed_tokens_scheduled["a2"] == (400 + 47 - 1) // 16 * 16
-    assert h.manager().block_pool.get_num_free_blocks() == 48 - 1
+    assert _turn_two_after(tiny, _window_block_reused_while_running) == (1, (400 + 47 - 1) // 16 * 16, 48 - 1)
 
 
 def test_without_that_store_the_state_is_lost(tiny, monkeypatch):
@@ -193,12 +186,7 @@ def test_without_that_store_the_state_is_lost(tiny, monkeypatch):
     from vllm_sinks.kv.offload import SinkOffloadingScheduler
 
     monkeypatch.setattr(SinkOffloadingScheduler, "_freed_resumable", lambda *args: [])
-    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
-    second = _window_block_reused_while_running(h)
-    h.add("a2", second, 1)
-    h.run()
-    assert h.policy.num_host_hits == 0
-    assert h.num_computed_tokens_scheduled["a2"] == 16
+    assert _turn_two_after(tiny, _window_block_reused_while_running)[:2] == (0, 16)
 
 
 def test_the_rows_check_sees_a_store_not_flushed(tiny, monkeypatch):
@@ -214,11 +202,8 @@ def test_the_rows_check_sees_a_store_not_flushed(tiny, monkeypatch):
         return jobs
 
     monkeypatch.setattr(SinkOffloadingScheduler, "_build_store_jobs", no_flush)
-    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
-    second = _finish_then_reuse_at_once(h)
-    h.add("a2", second, 1)
     with pytest.raises(AssertionError, match="a2: block .* does not hold its KV"):
-        h.run()
+        _turn_two_after(tiny, _finish_then_reuse_at_once)
 
 
 def test_stock_policy_loses_the_sinks(tiny, monkeypatch):

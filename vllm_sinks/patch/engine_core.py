@@ -167,8 +167,9 @@ def patch_offloading_policy() -> None:
     name OffloadingConnector.__init__ builds its scheduler side with): vLLM's policy treats a SINKS group as a
     plain sliding window (stores every block, looks up and keeps only the last window, never loads the
     sinks). kv.offload.SinkOffloadingScheduler is that class with SINKS groups storing, looking up, loading
-    and touching resumable states; it is vLLM's class unchanged for any other group. upstream: a KV-cache-spec
-    hook in the offloading scheduler (which chunks a group stores and needs for a hit)."""
+    and touching resumable states, and storing (flushed) state blocks that _update_req_states would zero when
+    the pool hands them out before their store; it is vLLM's class unchanged for any other group. upstream: a
+    KV-cache-spec hook in the offloading scheduler (which chunks a group stores and needs for a hit)."""
     from vllm.distributed.kv_transfer.kv_connector.v1 import offloading_connector
 
     from vllm_sinks.kv.offload import SinkOffloadingScheduler

@@ -35,9 +35,10 @@ def test_streaming_demo_runs_the_three_experiments(tmp_path):
     def run_demo(*args: str) -> dict:
         out = tmp_path / f"demo_{len(list(tmp_path.iterdir()))}.json"
         script = os.path.join(os.path.dirname(__file__), "..", "examples", "streaming_demo.py")
-        proc = subprocess.run([sys.executable, script, *args, "--out", str(out)], capture_output=True,
-                              text=True, timeout=600)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        # faulthandler: an abort at exit (seen once in CI, 2026-12-07) prints every Python thread's stack
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", script, *args, "--out", str(out)],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-6000:]
         return json.loads(out.read_text())
 
     common = ["--window-tokens", "60", "--max-new-tokens", "24", "--dtype", "float32"]

@@ -52,6 +52,28 @@ def test_returning_chats_stick_and_a_full_replica_sheds_only_new_ones():
     assert table.counts["shed"] == len(new)
 
 
+def test_new_chats_stay_within_the_balance_bound():
+    """Hashing alone spreads 64 chats over two replicas unevenly (the H100 benchmark's split 27/37, past what
+    a replica's pool held): with the bound, no replica takes more than ceil(1.1 x 64 / 2) = 36, chats still
+    stick to their replica, and `chats` counts each replica's keys."""
+    hashed_max, balanced_max = [], []
+    for seed in range(20):
+        keys = [f"s{seed}-chat{i}" for i in range(64)]
+        for balance, maxes in ((float("inf"), hashed_max), (1.1, balanced_max)):
+            table = AffinityTable.of(["http://a", "http://b"], balance=balance)
+            placed = {k: table.place(k).url for k in keys}
+            counts = {u: list(placed.values()).count(u) for u in table.replicas}
+            assert table.chats == counts
+            assert all(table.place(k).url == placed[k] for k in keys)  # returning chats stay
+            maxes.append(max(counts.values()))
+    assert max(balanced_max) <= 36, balanced_max
+    assert max(hashed_max) > 36, hashed_max  # what the bound fixes
+    table = AffinityTable.of([f"http://r{i}" for i in range(3)])
+    for i in range(300):
+        table.place(f"chat{i}")
+    assert max(table.chats.values()) <= 110 and table.counts["balanced"] > 0
+
+
 def test_a_dead_replica_moves_only_its_chats():
     table = AffinityTable.of(["http://a", "http://b", "http://c"])
     keys = [f"chat{i}" for i in range(300)]
@@ -61,6 +83,11 @@ def test_a_dead_replica_moves_only_its_chats():
     assert all(after[k] == first[k] for k in keys if first[k] != "http://b")
     assert all(after[k] != "http://b" for k in keys)
     assert table.counts["moved"] == sum(1 for u in first.values() if u == "http://b")
+    assert table.chats["http://b"] == 0 and sum(table.chats.values()) == 300
+    small = AffinityTable.of(["http://a", "http://b"], max_keys=10)
+    for i in range(50):
+        small.place(f"chat{i}")
+    assert len(small.placed) == 10 and sum(small.chats.values()) == 10  # forgotten keys leave the counts
 
 
 def test_token_prompts_find_their_first_turns_replica():

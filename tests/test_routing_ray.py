@@ -99,3 +99,42 @@ def test_request_key_is_the_chats_not_the_turns():
     assert request_key(once) == "user:u1"
     once.args[0].user = "u2"  # computed once per request, kept on its routing context: not read again
     assert request_key(once) == "user:u1"
+
+
+def test_new_chats_are_balanced_and_counted():
+    """ChatAffinityRouter.choose_replicas offers a new chat's replicas in its rendezvous order with those
+    holding 1.1 x the mean chats last (64 chats on two replicas: at most 36 each, where hashing alone gives
+    these keys more); a returning chat gets its own replica alone; on_request_routed keeps the counts."""
+    from types import SimpleNamespace
+
+    from ray.serve._private.request_router.common import RequestRoutingContext
+
+    from vllm_sinks.routing.affinity import rendezvous_order
+    from vllm_sinks.routing.ray_serve import ChatAffinityRouter
+
+    def replica(name):
+        return SimpleNamespace(replica_id=SimpleNamespace(to_full_id_str=lambda: name))
+
+    def call(user):
+        body = SimpleNamespace(messages=None, prompt=None, user=user)
+        return SimpleNamespace(args=[body], metadata=SimpleNamespace(session_id=""),
+                               routing_context=RequestRoutingContext())  # fmt: skip
+
+    replicas = [replica("r1"), replica("r2")]
+    keys = [f"chat{i}" for i in range(64)]
+    hashed = collections.Counter(rendezvous_order("user:" + k, ["r1", "r2"])[0] for k in keys)
+    assert max(hashed.values()) > 36, hashed  # what the bound fixes
+    router = object.__new__(ChatAffinityRouter)
+    router.initialize_state()
+    placed = {}
+    for k in keys:
+        request = call(k)
+        ranks = asyncio.run(router.choose_replicas(replicas, request))
+        assert sorted(r[0].replica_id.to_full_id_str() for r in ranks) == ["r1", "r2"]
+        chosen = ranks[0][0].replica_id
+        router.on_request_routed(request, chosen, None)
+        placed[k] = chosen.to_full_id_str()
+    assert router.chats == collections.Counter(placed.values()) and max(router.chats.values()) <= 36
+    for k in keys[:8]:
+        ranks = asyncio.run(router.choose_replicas(replicas, call(k)))
+        assert [[r.replica_id.to_full_id_str() for r in rank] for rank in ranks] == [[placed[k]]]

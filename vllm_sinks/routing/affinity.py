@@ -12,14 +12,20 @@ A request's chat key, first found of:
      first turn's longest prefix.
 
 Placement: rendezvous (highest-random-weight) hashing of the key over the live replicas gives each chat an
-order of preference that does not depend on the others; a chat goes to the first replica of its order that
-is not full (in-flight requests < `max_load`), or the least loaded if all are. The replica a chat was placed
-on is remembered (least recently used keys forgotten past `max_keys`): a returning chat goes back to it while
-it is alive, full or not, so a full replica sheds new chats, never returning ones. A dead replica's chats move
-to their next choice (their next turn re-prefills there).
+order of preference that does not depend on the others (`rendezvous_order`). Hashing alone leaves the chats
+unevenly spread (64 chats over two replicas split 27/37 on the H100 benchmark, docs/replicas.md), and a
+replica's pool holds a fixed number of states: so a new chat skips, in its order, the replicas that already
+hold `balance` times the mean number of chats (consistent hashing with bounded loads, `balanced_order`), and
+goes to the first replica left that is not full (in-flight requests < `max_load`), or the least loaded if
+all are. The replica a chat was placed on is remembered (least recently used keys forgotten past
+`max_keys`): a returning chat goes back to it while it is alive, full or not, so a full replica sheds new
+chats, never returning ones. A dead replica's chats move to their next choice (their next turn re-prefills
+there).
 
 Invariants: `place` never returns a dead replica while a live one exists; a key maps to one replica at a
-time; the table holds at most `max_keys` keys.
+time; the table holds at most `max_keys` keys; `chats[url]` is the number of keys placed on `url`; a new chat
+lands on a replica holding `balance` times the live replicas' mean or more only when every live replica is
+full.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 SESSION_HEADER = "x-session-id"
 PREFIX_CHARS = 2048  # of the first messages: a system prompt and a first user message
 PREFIX_TOKENS = 256  # of a token-id prompt
+BALANCE = 1.1  # a new chat skips replicas holding this many times the mean number of chats
 
 
 def chat_key(body: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[str | None, str]:
@@ -79,6 +86,17 @@ def rendezvous_order(key: str, replicas: Sequence[str]) -> list[str]:
     return sorted(replicas, key=lambda name: _weight(key, name), reverse=True)
 
 
+def balanced_order(key: str, chats: Mapping[str, int], balance: float = BALANCE) -> list[str]:
+    """The replicas of `chats` (name -> chats placed on it) in this key's rendezvous order, those holding
+    `balance` x the mean after one more chat (or more) moved behind the others. One replica at least is below
+    that bound, so with n replicas none ends up with more than ceil(balance x chats / n) new chats."""
+    order = rendezvous_order(key, list(chats))
+    if not order:
+        return order
+    bound = balance * (sum(chats.values()) + 1) / len(order)  # chats < bound <=> chats < ceil(bound)
+    return [n for n in order if chats[n] < bound] + [n for n in order if chats[n] >= bound]
+
+
 @dataclass
 class Replica:
     url: str
@@ -93,9 +111,11 @@ class AffinityTable:
     replicas: dict[str, Replica]
     max_load: int = 64
     max_keys: int = 1_000_000
+    balance: float = BALANCE
     placed: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    chats: dict[str, int] = field(default_factory=dict)  # replica url -> keys placed on it
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("returning", "new", "shed", "moved", "unkeyed"), 0))  # fmt: skip
+        ("returning", "new", "balanced", "shed", "moved", "unkeyed"), 0))  # fmt: skip
 
     @classmethod
     def of(cls, urls: Sequence[str], **kw: Any) -> AffinityTable:
@@ -104,9 +124,15 @@ class AffinityTable:
         return cls({u: Replica(u) for u in urls}, **kw)
 
     def order(self, key: str) -> list[Replica]:
-        """The live replicas in this key's order of preference."""
+        """The live replicas in this key's order of preference (hashing alone)."""
         live = {r.url: r for r in self.replicas.values() if r.alive}
         return [live[url] for url in rendezvous_order(key, list(live))]
+
+    def balanced(self, key: str) -> list[Replica]:
+        """The live replicas in this key's order, those holding too many chats last (`balanced_order`)."""
+        live = {r.url: r for r in self.replicas.values() if r.alive}
+        chats = {url: self.chats.get(url, 0) for url in live}
+        return [live[url] for url in balanced_order(key, chats, self.balance)]
 
     def place(self, key: str | None) -> Replica:
         live = [r for r in self.replicas.values() if r.alive]
@@ -125,12 +151,14 @@ class AffinityTable:
             self.counts["moved"] += 1
         else:
             self.counts["new"] += 1
-        order = self.order(key)
+        order = self.balanced(key)
         choice = next((r for r in order if r.in_flight < self.max_load), None)
         if choice is None:
             choice = min(order, key=lambda r: r.in_flight)
-        if choice is not order[0]:
-            self.counts["shed"] += 1
+        if order[0] is not self.order(key)[0]:
+            self.counts["balanced"] += 1  # its first choice holds too many chats
+        elif choice is not order[0]:
+            self.counts["shed"] += 1  # its first choice is full
         self.remember(key, choice.url)
         return choice
 
@@ -144,10 +172,16 @@ class AffinityTable:
         return replica
 
     def remember(self, key: str, url: str) -> None:
+        before = self.placed.get(key)
+        if before != url:
+            if before is not None:
+                self.chats[before] -= 1
+            self.chats[url] = self.chats.get(url, 0) + 1
         self.placed[key] = url
         self.placed.move_to_end(key)
         while len(self.placed) > self.max_keys:
-            self.placed.popitem(last=False)
+            _, gone = self.placed.popitem(last=False)
+            self.chats[gone] -= 1
 
     def mark_dead(self, url: str) -> None:
         self.replicas[url].alive = False

@@ -24,7 +24,7 @@ import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from vllm_sinks.routing.affinity import AffinityTable, Replica, chat_key, token_prefix_keys
+from vllm_sinks.routing.affinity import BALANCE, AffinityTable, Replica, chat_key, token_prefix_keys
 
 POLICIES = ("affinity", "power-of-two")
 FORWARDED_HEADERS = ("content-type", "authorization", "x-session-id", "x-request-id", "accept")
@@ -39,10 +39,13 @@ class Router:
     """Owns the affinity table, the sessions' replicas and the HTTP client (one event loop)."""
 
     def __init__(self, urls: list[str], policy: str = "affinity", max_load: int = 64,
-                 health_interval_s: float = 5.0) -> None:  # fmt: skip
+                 health_interval_s: float = 5.0, balance: float = BALANCE) -> None:  # fmt: skip
         if policy not in POLICIES:
             raise ValueError(f"--policy {policy!r}: expected one of {', '.join(POLICIES)}")
-        self.table = AffinityTable.of([u.rstrip("/") for u in urls], max_load=max_load)
+        if not balance >= 1.0:
+            raise ValueError(f"--balance {balance}: must be 1.0 or more (the bound on chats per replica, as "
+                             "a multiple of the mean)")  # fmt: skip
+        self.table = AffinityTable.of([u.rstrip("/") for u in urls], max_load=max_load, balance=balance)
         self.policy = policy
         self.sessions: dict[str, str] = {}  # session id -> replica url
         self.health_interval_s = health_interval_s
@@ -214,8 +217,9 @@ class Router:
             lines.extend(f"vllm_sinks_router:{name}{labels} {value}" for labels, value in samples)
 
         counts = self.table.counts
-        metric("placements_total", "counter", "Requests placed, by kind (returning chat, new chat, shed from "
-               "a full replica, moved from a dead one, no key)",
+        metric("placements_total", "counter", "Requests placed, by kind (returning chat, new chat; of the "
+               "new: balanced away from a replica holding too many chats, shed from a full one; moved from a "
+               "dead replica, no key)",
                [(f'{{kind="{k}"}}', v) for k, v in counts.items()])  # fmt: skip
         metric("keys_total", "counter", "Chat keys by source (header, user, prefix, none)",
                [(f'{{source="{k}"}}', v) for k, v in self.keys_by_source.items()])  # fmt: skip
@@ -227,6 +231,9 @@ class Router:
             (f'{{replica="{r.url}"}}', r.in_flight) for r in self.table.replicas.values()])  # fmt: skip
         metric("sessions", "gauge", "Live sessions the router knows", [("", len(self.sessions))])
         metric("chats", "gauge", "Chats placed (keys remembered)", [("", len(self.table.placed))])
+        chats = self.table.chats
+        metric("replica_chats", "gauge", "Chats placed on the replica (keys remembered)",
+               [(f'{{replica="{url}"}}', chats.get(url, 0)) for url in self.table.replicas])  # fmt: skip
         return "\n".join(lines) + "\n"
 
 

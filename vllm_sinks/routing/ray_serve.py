@@ -11,13 +11,15 @@ loads the plugin in every replica from the installed package's entry points, so 
 `user` field, else the chat's first messages (what SINKS keeps as sinks). A chat seen before goes back to its
 replica while that replica is alive and waits there when the replica is at `max_ongoing_requests` (Ray Serve
 backs off and retries: a returning chat is never shed); a new chat is offered the replicas in its rendezvous
-order, one rank each, so Ray Serve places it on the first one with room (a full replica sheds new chats).
+order, those holding `balance` x the mean number of chats moved last (affinity.balanced_order), one rank
+each, so Ray Serve places it on the first one with room (a full replica sheds new chats).
 The replica a request reached is remembered when Ray Serve reports it routed (`on_request_routed`). A replica
 that dies or is scaled down drops out of the candidates: its chats' next turns go to their next choice, where
 they re-prefill once.
 
 Invariants: `choose_replicas` returns only candidate replicas; a key maps to one replica at a time; at most
-`max_keys` keys are remembered (least recently used forgotten).
+`max_keys` keys are remembered (least recently used forgotten); `chats[replica]` is the number of keys
+remembered on that replica.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from vllm_sinks.routing.affinity import PREFIX_CHARS, PREFIX_TOKENS, chat_key, rendezvous_order
+from vllm_sinks.routing.affinity import BALANCE, PREFIX_CHARS, PREFIX_TOKENS, balanced_order, chat_key
 
 ROUTER_CLASS = "vllm_sinks.routing.ray_serve:ChatAffinityRouter"
 
@@ -95,9 +97,11 @@ class ChatAffinityRouter(FIFOMixin, RequestRouter):
     Such a task chooses for that oldest request, so the hand-over keeps the request's chat on its replica
     (without the mixin the waiting request is never routed and the task spins without backing off)."""
 
-    def initialize_state(self, max_keys: int = 1_000_000) -> None:
+    def initialize_state(self, max_keys: int = 1_000_000, balance: float = BALANCE) -> None:
         self.max_keys = max_keys
+        self.balance = balance
         self.placed: OrderedDict[str, str] = OrderedDict()  # chat key -> replica id (full id string)
+        self.chats: dict[str, int] = {}  # replica id -> keys remembered on it
 
     async def choose_replicas(
         self,
@@ -122,17 +126,25 @@ class ChatAffinityRouter(FIFOMixin, RequestRouter):
         if home is not None and home in by_id:
             self.placed.move_to_end(key)
             return [[by_id[home]]]
-        return [[by_id[name]] for name in rendezvous_order(key, list(by_id))]
+        chats = {name: self.chats.get(name, 0) for name in by_id}
+        return [[by_id[name]] for name in balanced_order(key, chats, self.balance)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:  # fmt: skip
         key = request_key(pending_request)
         if key is None:
             return
-        self.placed[key] = replica_id.to_full_id_str()
+        name = replica_id.to_full_id_str()
+        before = self.placed.get(key)
+        if before != name:
+            if before is not None:
+                self.chats[before] -= 1
+            self.chats[name] = self.chats.get(name, 0) + 1
+        self.placed[key] = name
         self.placed.move_to_end(key)
         while len(self.placed) > self.max_keys:
-            self.placed.popitem(last=False)
+            _, gone = self.placed.popitem(last=False)
+            self.chats[gone] -= 1
 
 
 def sinks_llm_config(

@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu/replicas.sh OUT [DURATION=90] [CHATS=64] [KILL_AT=30]
 # Writes OUT/serve_{affinity,power-of-two,kill}.json (bench_serve.py), OUT/replica_*.log, OUT/router_*.log,
 # OUT/router_metrics_*.txt and OUT/replicas_summary.json. Environment: SHAPE (benchmarks/model_shapes.py,
-# default llama3-8b), WINDOW (4092), DTYPE (bfloat16), GPU_UTIL (per replica, 0.44), SERVER_ARGS, BENCH_ARGS;
+# default llama3-8b), WINDOW (4092), DTYPE (bfloat16), GPU_UTIL (per replica, 0.44), SERVER_ARGS, BENCH_ARGS,
+# LOADS (which of the three loads, default "affinity power-of-two kill");
 # a CPU check: VLLM_CPU_KVCACHE_SPACE=1 SHAPE=tiny WINDOW=200 DTYPE=float32 \
 #   BENCH_ARGS="--user-words 20:60 --until-prompt-tokens 8000 --max-tokens 16 --block-size 128" bash ... /tmp/o 40 8 15
 set -u
@@ -76,9 +77,13 @@ load() {  # name policy first_chat [kill_at]
   echo "$1 ($2): done"
 }
 
-load affinity affinity 0
-load power-of-two power-of-two 1000
-load kill affinity 2000 "$KILL_AT"
+for name in ${LOADS:-affinity power-of-two kill}; do
+  case $name in
+    affinity) load affinity affinity 0 ;;
+    power-of-two) load power-of-two power-of-two 1000 ;;
+    kill) load kill affinity 2000 "$KILL_AT" ;;
+  esac
+done
 
 python3 - "$OUT" "$KILL_AT" <<'EOF' | tee "$OUT/replicas_summary.json"
 import json, re, sys
@@ -100,6 +105,12 @@ for name in ("affinity", "power-of-two", "kill"):
         after = {t["chat"] for t in turns if t["t"] >= kill_at}
         row["chats_active_at_kill"] = len(active)
         row["of_them_answered_a_turn_after_kill"] = len(active & after)
+    try:  # the router's placements: chats per replica, and how new chats were placed
+        metrics = open(f"{out}/router_metrics_{name}.txt").read()
+        row["router"] = {m[0] + m[1]: float(m[2]) for m in re.findall(
+            r"^vllm_sinks_router:(replica_chats|placements_total)(\{[^}]*\}) (\S+)$", metrics, re.M)}
+    except FileNotFoundError:
+        pass
     summary[name] = row
 print(json.dumps(summary, indent=1))
 EOF

@@ -31,6 +31,9 @@
 #                  default 64, the pool cut to ~2/3 of their states, 16 GiB of host memory, eager): SINKS with
 #                  offloading, SINKS without (re-prefill), stock sliding window 1024 with offloading, and SINKS
 #                  with the whole pool (every state on the GPU), one engine after another on one host
+#   offload_scale CHATS GIB CONFIG...  the same at scale with the whole default pool (0.9 of the GPU: on an
+#                  H100 ~421 states at W = 1020, so 640 chats are 1.5x what it holds) and GIB of host memory;
+#                  CONFIG: sinks_offload, sinks_no_offload, sliding_offload (one engine after another)
 #   stress [STEPS] the GPU stress test (tests/test_gpu_stress.py: 8B shape, model runner V2, STEPS per row mode)
 #   capacity       100 chats x 65,536-token uncached prompts arriving together
 #   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
@@ -170,6 +173,22 @@ PY
       python3 benchmarks/bench_paused_chats.py "${common[@]}" "$@" --out "$OUT/offload_$name.json" \
         > "$OUT/offload_$name.log" 2>&1
       echo "$name: $(grep -E '^\{"chats"|Error' "$OUT/offload_$name.log" | tail -1)"
+    done
+    ;;
+  offload_scale)
+    chats=$3 gib=$4
+    shift 4
+    common=(--chats "$chats" --history 8192 --window-tokens 1020 --sliding-window 1024 --no-regenerate --enforce-eager)
+    for name in "$@"; do
+      case $name in
+        sinks_offload) args=(--mode sinks --kv-offloading-size "$gib") ;;
+        sinks_no_offload) args=(--mode sinks) ;;
+        sliding_offload) args=(--mode sliding --kv-offloading-size "$gib") ;;
+        *) echo "offload_scale: unknown configuration $name"; exit 2 ;;
+      esac
+      python3 benchmarks/bench_paused_chats.py "${common[@]}" "${args[@]}" --out "$OUT/scale_$name.json" \
+        > "$OUT/scale_$name.log" 2>&1
+      echo "$name: $(grep -E '^\{"chats"|Error' "$OUT/scale_$name.log" | tail -1)"
     done
     ;;
   stress)

@@ -33,7 +33,8 @@
 #                  with the whole pool (every state on the GPU), one engine after another on one host
 #   offload_scale CHATS GIB CONFIG...  the same at scale with the whole default pool (0.9 of the GPU: on an
 #                  H100 ~421 states at W = 1020, so 640 chats are 1.5x what it holds) and GIB of host memory;
-#                  CONFIG: sinks_offload, sinks_no_offload, sliding_offload (one engine after another)
+#                  CONFIG: sinks_offload, sinks_no_offload, sliding_offload (one engine after another);
+#                  POOL_BLOCKS=N sets the pool instead (another GPU: 27,808 blocks is the H100's at 0.9)
 #   stress [STEPS] the GPU stress test (tests/test_gpu_stress.py: 8B shape, model runner V2, STEPS per row mode)
 #   capacity       100 chats x 65,536-token uncached prompts arriving together
 #   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
@@ -179,6 +180,7 @@ PY
     chats=$3 gib=$4
     shift 4
     common=(--chats "$chats" --history 8192 --window-tokens 1020 --sliding-window 1024 --no-regenerate --enforce-eager)
+    if [ -n "${POOL_BLOCKS:-}" ]; then common+=(--num-gpu-blocks "$POOL_BLOCKS"); fi
     for name in "$@"; do
       case $name in
         sinks_offload) args=(--mode sinks --kv-offloading-size "$gib") ;;

@@ -37,6 +37,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.kv_offload.base import GPULoadStoreSpec, LookupResult, OffloadKey, OffloadPolicy
+from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
 from vllm_sinks.kv.manager import SinkWindowSpec
@@ -112,6 +113,8 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
         )
         # Running requests' resumable positions whose blocks this step allocated again (to store now).
         self._reused_resumable: dict[str, list[tuple[int, int, int]]] = {}
+        # Finished requests whose last stores the next step builds (`request_finished`).
+        self._finishing: dict[str, RequestOffloadState] = {}
         # Counters for metrics: states' chunks stored, loaded (host -> GPU), and requests that hit the host.
         self.num_stored_chunks = 0
         self.num_loaded_chunks = 0
@@ -155,6 +158,26 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
         for req_id, group_idx, i, block_id in watched:
             if self._req_status[req_id].group_states[group_idx].block_ids[i] == 0:
                 self._reused_resumable.setdefault(req_id, []).append((group_idx, i, block_id))
+
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's, and the request's state kept until the next step has built its last stores.
+
+        vLLM builds a finished request's last store jobs (its end-of-turn window, under SINKS its resumable
+        state) in the next step, from `finished_req_ids`; but when an earlier job of the request completes
+        in the output where it finished (a store flushed in its last step: `_store_reused`), vLLM's
+        update_connector_output deletes the request's state first, and the last window is never stored.
+        upstream: keep a finished request's RequestOffloadState in update_connector_output until
+        _build_store_jobs has processed it."""
+        result = super().request_finished(request)
+        req_status = self._req_status.get(request.request_id)
+        if self.sink_groups and req_status is not None:
+            self._finishing[request.request_id] = req_status
+        return result
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        super().update_connector_output(connector_output)
+        for req_id, req_status in self._finishing.items():
+            self._req_status.setdefault(req_id, req_status)  # deleted by vLLM when its last job completed
 
     def _freed_resumable(
         self, req_status: RequestOffloadState, group_idx: int, scheduler_output: SchedulerOutput
@@ -219,6 +242,8 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
                 if req_status is not None:
                     self._drop_middle_chunks(req_status, scheduler_output)
         jobs = super()._build_store_jobs(scheduler_output)
+        for req_id in scheduler_output.finished_req_ids or ():
+            self._finishing.pop(req_id, None)  # its last stores are built (or it had none left)
         for req_id, reused in self._reused_resumable.items():
             jobs.update(self._store_reused(req_id, reused))
         self._reused_resumable.clear()

@@ -44,9 +44,12 @@ engine_core.py (the scheduler's process)
 18. OffloadingConnectorScheduler (as OffloadingConnector.__init__ builds it): under SINKS, kv.offload's
     SinkOffloadingScheduler, which stores only resumable states (sinks + window), looks up a hit as the GPU
     does, loads the sinks with the window and touches them together (vLLM treats the group as a plain
-    sliding window), and stores, flushed, the state blocks that vLLM's _update_req_states would drop when the
-    pool hands them out before their store. upstream: a KV-cache-spec hook in the offloading scheduler, and
-    a flush instead of the zeroing for blocks a hit needs.
+    sliding window), stores, flushed, the state blocks that vLLM's _update_req_states would drop when the
+    pool hands them out before their store, and keeps a finished request's offloading state until its last
+    stores are built (vLLM's update_connector_output deletes it when an earlier job completes in the output
+    where the request finished). upstream: a KV-cache-spec hook in the offloading scheduler, a flush
+    instead of the zeroing for blocks a hit needs, and finished requests' state kept until
+    _build_store_jobs has processed them.
 
 worker.py (the model runner's process)
 12. CpuPlatform.get_attn_backend_cls: vLLM-CPU ignores a requested backend; under SINKS validate and return

@@ -54,24 +54,24 @@ def test_returning_chats_stick_and_a_full_replica_sheds_only_new_ones():
 
 def test_new_chats_stay_within_the_balance_bound():
     """Hashing alone spreads 64 chats over two replicas unevenly (the H100 benchmark's split 27/37, past what
-    a replica's pool held): with the bound, no replica takes more than ceil(1.1 x 64 / 2) = 36, chats still
-    stick to their replica, and `chats` counts each replica's keys."""
-    hashed_max, balanced_max = [], []
+    a replica's pool held): with the bound 1.1 no replica takes more than ceil(1.1 x 64 / 2) = 36, with the
+    default (1.0) 32; chats still stick to their replica, and `chats` counts each replica's keys."""
+    hashed_max, balanced_max, even_max = [], [], []
     for seed in range(20):
         keys = [f"s{seed}-chat{i}" for i in range(64)]
-        for balance, maxes in ((float("inf"), hashed_max), (1.1, balanced_max)):
+        for balance, maxes in ((float("inf"), hashed_max), (1.1, balanced_max), (1.0, even_max)):
             table = AffinityTable.of(["http://a", "http://b"], balance=balance)
             placed = {k: table.place(k).url for k in keys}
             counts = {u: list(placed.values()).count(u) for u in table.replicas}
             assert table.chats == counts
             assert all(table.place(k).url == placed[k] for k in keys)  # returning chats stay
             maxes.append(max(counts.values()))
-    assert max(balanced_max) <= 36, balanced_max
+    assert max(balanced_max) <= 36 and max(even_max) == 32, (balanced_max, even_max)
     assert max(hashed_max) > 36, hashed_max  # what the bound fixes
     table = AffinityTable.of([f"http://r{i}" for i in range(3)])
     for i in range(300):
         table.place(f"chat{i}")
-    assert max(table.chats.values()) <= 110 and table.counts["balanced"] > 0
+    assert max(table.chats.values()) == 100 and table.counts["balanced"] > 0
 
 
 def test_a_dead_replica_moves_only_its_chats():

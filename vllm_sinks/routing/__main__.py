@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="affinity (default), or power-of-two: stock routing, for comparisons")  # fmt: skip
     p.add_argument("--max-load", type=int, default=64,
                    help="in-flight requests at which a replica takes no new chats")  # fmt: skip
-    p.add_argument("--balance", type=float, default=1.1,
+    p.add_argument("--balance", type=float, default=1.0,
                    help="a new chat skips replicas holding this many times the mean number of chats (>= 1; "
                         "a large value: hashing alone)")  # fmt: skip
     p.add_argument("--health-interval", type=float, default=5.0, help="seconds between replica checks")

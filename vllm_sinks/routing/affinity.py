@@ -15,7 +15,8 @@ Placement: rendezvous (highest-random-weight) hashing of the key over the live r
 order of preference that does not depend on the others (`rendezvous_order`). Hashing alone leaves the chats
 unevenly spread (64 chats over two replicas split 27/37 on the H100 benchmark, docs/replicas.md), and a
 replica's pool holds a fixed number of states: so a new chat skips, in its order, the replicas that already
-hold `balance` times the mean number of chats (consistent hashing with bounded loads, `balanced_order`), and
+hold `balance` times the mean number of chats (consistent hashing with bounded loads, `balanced_order`; the
+default 1.0 keeps the replicas' chat counts within one of each other as chats arrive), and
 goes to the first replica left that is not full (in-flight requests < `max_load`), or the least loaded if
 all are. The replica a chat was placed on is remembered (least recently used keys forgotten past
 `max_keys`): a returning chat goes back to it while it is alive, full or not, so a full replica sheds new
@@ -40,7 +41,7 @@ from typing import Any
 SESSION_HEADER = "x-session-id"
 PREFIX_CHARS = 2048  # of the first messages: a system prompt and a first user message
 PREFIX_TOKENS = 256  # of a token-id prompt
-BALANCE = 1.1  # a new chat skips replicas holding this many times the mean number of chats
+BALANCE = 1.0  # a new chat skips replicas holding this many times the mean number of chats (or more)
 
 
 def chat_key(body: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[str | None, str]:

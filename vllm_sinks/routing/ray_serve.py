@@ -12,7 +12,9 @@ loads the plugin in every replica from the installed package's entry points, so 
 replica while that replica is alive and waits there when the replica is at `max_ongoing_requests` (Ray Serve
 backs off and retries: a returning chat is never shed); a new chat is offered the replicas in its rendezvous
 order, those holding `balance` x the mean number of chats moved last (affinity.balanced_order), one rank
-each, so Ray Serve places it on the first one with room (a full replica sheds new chats).
+each, so Ray Serve places it on the first one with room (a full replica sheds new chats). The chat counts
+change when Ray Serve reports a request routed: new chats that arrive together, before any is routed, are
+ordered by the same counts.
 The replica a request reached is remembered when Ray Serve reports it routed (`on_request_routed`). A replica
 that dies or is scaled down drops out of the candidates: its chats' next turns go to their next choice, where
 they re-prefill once.

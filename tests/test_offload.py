@@ -329,6 +329,40 @@ def test_bad_connector_settings_fail_at_start_up(tiny):
         build(kv_transfer_config=simple)
 
 
+def test_offloading_size_that_pins_more_than_the_host_has_fails(tiny, monkeypatch):
+    """torch rounds each pinned tensor up to a power of two, so vLLM's host tier of N GiB over L layers pins
+    L x 2^ceil(log2(N / L)) GiB: on an H100 host with 125 GiB free, --kv-offloading-size 96 for the 8B
+    shape (32 layers) pinned 128 GiB and the engine was killed by the kernel. The check counts the rounding
+    and names the largest size that fits; a size that fits passes."""
+    from types import SimpleNamespace
+
+    import psutil
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sinks.kv.offload import pinned_host_bytes
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=100 * 2**30))
+
+    def build(gib: float):
+        return EngineArgs(
+            model=tiny,
+            attention_backend="SINKS",
+            additional_config={"sinks": {"sink_tokens": S, "window_tokens": W}},
+            block_size=16,
+            kv_offloading_size=gib,
+        ).create_engine_config()
+
+    config = build(64)  # the tiny model's 2 layers: 2 x 32 GiB, pinned as asked
+    assert pinned_host_bytes(config, 64 * 2**30) == (64 * 2**30, 2)
+    with pytest.raises(ValueError, match=r"pins 128 GiB .* lower --kv-offloading-size to 64 GiB or less"):
+        build(80)  # 2 x 40 GiB, each rounded up to 64 GiB
+    text = SimpleNamespace(num_hidden_layers=32)
+    llama8b = SimpleNamespace(model_config=SimpleNamespace(hf_text_config=text),
+                              parallel_config=SimpleNamespace(tensor_parallel_size=1))  # fmt: skip
+    assert pinned_host_bytes(llama8b, 96 * 2**30) == (128 * 2**30, 32)
+    assert pinned_host_bytes(llama8b, 16 * 2**30) == (16 * 2**30, 32)
+
+
 def test_metrics_count_offloaded_states(tiny):
     from vllm_sinks.metrics import collect_sinks_stats
 

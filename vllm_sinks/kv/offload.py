@@ -24,6 +24,7 @@ transfers, the host store (its LRU) and the worker stay vLLM's. One offloaded ch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading.scheduler import (
     RequestOffloadState,
     TransferJobStatus,
 )
+from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -41,6 +43,8 @@ from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
 from vllm_sinks.kv.manager import SinkWindowSpec
+
+logger = init_logger(__name__)
 
 # The connectors SINKS serves: vLLM's native offloading (--kv-offloading-size GiB, backend native).
 SUPPORTED_CONNECTORS = ("OffloadingConnector",)
@@ -74,11 +78,34 @@ def check_offloading(vllm_config: Any) -> None:
         import psutil
 
         available = psutil.virtual_memory().available
-        if float(cpu_bytes) > available:
+        pinned, tensors = pinned_host_bytes(vllm_config, float(cpu_bytes))
+        if pinned > available:
+            fits = tensors * 2 ** math.floor(math.log2(available / tensors)) if available >= tensors else 0
             raise ValueError(
-                f"--kv-offloading-size asks for {float(cpu_bytes) / 2**30:.1f} GiB of host memory but this "
-                f"host has {available / 2**30:.1f} GiB available: lower --kv-offloading-size"
+                f"--kv-offloading-size {float(cpu_bytes) / 2**30:g} GiB pins {pinned / 2**30:g} GiB of host "
+                f"memory ({tensors} pinned tensors, one per layer and tensor-parallel rank, each rounded up "
+                f"to a power of two by torch's pinned allocator) but this host has "
+                f"{available / 2**30:.1f} GiB available: lower --kv-offloading-size to {fits / 2**30:g} GiB "
+                f"or less (sizes of {tensors} x a power of two pin no more than they ask)"
             )
+        if pinned > 1.05 * float(cpu_bytes):
+            logger.warning(
+                "--kv-offloading-size %g GiB pins %g GiB of host memory (each of %d pinned tensors rounded "
+                "up to a power of two by torch); %g GiB would hold more states for the same memory",
+                float(cpu_bytes) / 2**30, pinned / 2**30, tensors, pinned / 2**30,
+            )  # fmt: skip
+
+
+def pinned_host_bytes(vllm_config: Any, cpu_bytes: float) -> tuple[int, int]:
+    """(bytes, tensors) that vLLM's CPU offloading pins for `cpu_bytes` of host tier: every worker holds one
+    pinned tensor per attention layer of its share (cpu_bytes / tensors bytes, for layers of one page size),
+    and torch's caching host allocator rounds each allocation up to a power of two."""
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    layers = int(getattr(model_config.hf_text_config, "num_hidden_layers", 1) or 1)
+    tensors = max(1, layers * int(parallel.tensor_parallel_size))
+    per_tensor = max(1, int(cpu_bytes // tensors))
+    return tensors * (1 << (per_tensor - 1).bit_length()), tensors
 
 
 class SinkOffloadingScheduler(OffloadingConnectorScheduler):

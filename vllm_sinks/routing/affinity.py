@@ -98,6 +98,22 @@ def balanced_order(key: str, chats: Mapping[str, int], balance: float = BALANCE)
     return [n for n in order if chats[n] < bound] + [n for n in order if chats[n] >= bound]
 
 
+def remember_placement(placed: OrderedDict[str, str], chats: dict[str, int], key: str, replica: str,
+                       max_keys: int) -> None:  # fmt: skip
+    """Records `key` on `replica` as the most recently used key of `placed`, forgets the least recently used
+    past `max_keys`, and keeps `chats` (keys per replica) in step."""
+    before = placed.get(key)
+    if before != replica:
+        if before is not None:
+            chats[before] -= 1
+        chats[replica] = chats.get(replica, 0) + 1
+    placed[key] = replica
+    placed.move_to_end(key)
+    while len(placed) > max_keys:
+        _, gone = placed.popitem(last=False)
+        chats[gone] -= 1
+
+
 @dataclass
 class Replica:
     url: str
@@ -173,16 +189,7 @@ class AffinityTable:
         return replica
 
     def remember(self, key: str, url: str) -> None:
-        before = self.placed.get(key)
-        if before != url:
-            if before is not None:
-                self.chats[before] -= 1
-            self.chats[url] = self.chats.get(url, 0) + 1
-        self.placed[key] = url
-        self.placed.move_to_end(key)
-        while len(self.placed) > self.max_keys:
-            _, gone = self.placed.popitem(last=False)
-            self.chats[gone] -= 1
+        remember_placement(self.placed, self.chats, key, url, self.max_keys)
 
     def mark_dead(self, url: str) -> None:
         self.replicas[url].alive = False

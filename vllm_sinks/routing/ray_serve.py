@@ -40,7 +40,14 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from vllm_sinks.routing.affinity import BALANCE, PREFIX_CHARS, PREFIX_TOKENS, balanced_order, chat_key
+from vllm_sinks.routing.affinity import (
+    BALANCE,
+    PREFIX_CHARS,
+    PREFIX_TOKENS,
+    balanced_order,
+    chat_key,
+    remember_placement,
+)
 
 ROUTER_CLASS = "vllm_sinks.routing.ray_serve:ChatAffinityRouter"
 
@@ -136,17 +143,7 @@ class ChatAffinityRouter(FIFOMixin, RequestRouter):
         key = request_key(pending_request)
         if key is None:
             return
-        name = replica_id.to_full_id_str()
-        before = self.placed.get(key)
-        if before != name:
-            if before is not None:
-                self.chats[before] -= 1
-            self.chats[name] = self.chats.get(name, 0) + 1
-        self.placed[key] = name
-        self.placed.move_to_end(key)
-        while len(self.placed) > self.max_keys:
-            _, gone = self.placed.popitem(last=False)
-            self.chats[gone] -= 1
+        remember_placement(self.placed, self.chats, key, replica_id.to_full_id_str(), self.max_keys)
 
 
 def sinks_llm_config(

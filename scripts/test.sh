@@ -13,4 +13,4 @@ if [ "${1:-}" = "--slow" ]; then
 fi
 bash scripts/setup.sh
 .venv/bin/ruff check vllm_sinks tests benchmarks examples
-exec .venv/bin/python -m pytest -ra "${tier[@]}" "$@"
+exec .venv/bin/python -m pytest -ra --durations=15 "${tier[@]}" "$@"

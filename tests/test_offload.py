@@ -323,6 +323,10 @@ def test_bad_connector_settings_fail_at_start_up(tiny):
         )
     with pytest.raises(ValueError, match="lower --kv-offloading-size"):
         build(kv_offloading_size=1e6)
+    with pytest.raises(ValueError, match="not 'TieringOffloadingSpec'.* remove 'spec_name'"):
+        tiering = {"spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 2**30}
+        build(kv_transfer_config=KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both",
+                                                  kv_connector_extra_config=tiering))  # fmt: skip
     # what --kv-offloading-size builds under VLLM_USE_SIMPLE_KV_OFFLOAD=1 (vLLM caches its env reads)
     with pytest.raises(ValueError, match="unset VLLM_USE_SIMPLE_KV_OFFLOAD"):
         simple = KVTransferConfig(kv_connector="SimpleCPUOffloadConnector", kv_role="kv_both")

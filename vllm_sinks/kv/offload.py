@@ -51,8 +51,9 @@ SUPPORTED_CONNECTORS = ("OffloadingConnector",)
 
 
 def check_offloading(vllm_config: Any) -> None:
-    """Start-up check of a SINKS engine's KV connector: only vLLM's native OffloadingConnector, with one GPU
-    block per offloaded chunk and no more host memory than the host has free. Raises with what to change."""
+    """Start-up check of a SINKS engine's KV connector: only vLLM's native OffloadingConnector with its CPU
+    tier, one GPU block per offloaded chunk and no more pinned host memory than the host has free. Raises
+    with what to change."""
     kv_transfer = getattr(vllm_config, "kv_transfer_config", None)
     connector = getattr(kv_transfer, "kv_connector", None) if kv_transfer is not None else None
     if connector is None:
@@ -68,6 +69,13 @@ def check_offloading(vllm_config: Any) -> None:
             f"load a SINKS stream's blocks as a plain sliding window (no sinks); {hint}"
         )
     extra = dict(kv_transfer.kv_connector_extra_config or {})
+    spec_name = extra.get("spec_name", "CPUOffloadingSpec")
+    if spec_name != "CPUOffloadingSpec":
+        raise ValueError(
+            f"--attention-backend SINKS keeps its states in vLLM's CPU tier (CPUOffloadingSpec), not "
+            f"{spec_name!r} (its tiers are not tested with SINKS' store and load policy): remove 'spec_name' "
+            "from --kv-transfer-config's kv_connector_extra_config, or use --kv-offloading-size GiB"
+        )
     if extra.get("block_size") is not None or int(extra.get("blocks_per_chunk", 1)) != 1:
         raise ValueError(
             "SINKS offloads one GPU block per chunk: remove 'block_size' / 'blocks_per_chunk' from "

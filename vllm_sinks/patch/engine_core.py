@@ -167,9 +167,11 @@ def patch_offloading_policy() -> None:
     name OffloadingConnector.__init__ builds its scheduler side with): vLLM's policy treats a SINKS group as a
     plain sliding window (stores every block, looks up and keeps only the last window, never loads the
     sinks). kv.offload.SinkOffloadingScheduler is that class with SINKS groups storing, looking up, loading
-    and touching resumable states, and storing (flushed) state blocks that _update_req_states would zero when
-    the pool hands them out before their store; it is vLLM's class unchanged for any other group. upstream: a
-    KV-cache-spec hook in the offloading scheduler (which chunks a group stores and needs for a hit)."""
+    and touching resumable states, storing (flushed) state blocks that _update_req_states would zero when the
+    pool hands them out before their store, and keeping a finished request's state until its last stores are
+    built (update_connector_output deletes it when an earlier job completes as it finishes); it is vLLM's
+    class unchanged for any other group. upstream: a KV-cache-spec hook in the offloading scheduler (which
+    chunks a group stores and needs for a hit), and finished requests' state kept until _build_store_jobs."""
     from vllm.distributed.kv_transfer.kv_connector.v1 import offloading_connector
 
     from vllm_sinks.kv.offload import SinkOffloadingScheduler

@@ -78,6 +78,7 @@ class OffloadHarness:
             self.vllm_config, [dict.fromkeys(layers, spec)], [10 * 2**30]
         )
         self.vllm_config.cache_config.num_gpu_blocks = kv_cache_config.num_blocks
+        self.kv_cache_config = kv_cache_config
         self.scheduler = Scheduler(
             vllm_config=self.vllm_config,
             kv_cache_config=kv_cache_config,

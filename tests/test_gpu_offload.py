@@ -39,7 +39,8 @@ def _engine(path: str, offload: bool):
     )
     kw["kv_cache_memory_bytes"] = 2**30  # a fixed pool: no memory profiling (other engines may share the GPU)
     if offload:
-        kw |= dict(num_gpu_blocks_override=96, kv_offloading_size=0.5, kv_offloading_backend="native")
+        # 0.4 GiB over 2 layers: 0.2 GiB a host tensor, which torch's pinned allocator would round to 0.25
+        kw |= dict(num_gpu_blocks_override=96, kv_offloading_size=0.4, kv_offloading_backend="native")
     return LLM(**kw)
 
 
@@ -70,10 +71,21 @@ def runs(model_dir, tmp_path_factory):
     """The same conversation on an engine that keeps every state on the GPU, on one that offloads, and on one
     that offloads with each sink chunk stored from the wrong block. In-process engines: the tests read the
     scheduler and wrap kv.offload's policy."""
+    from vllm_sinks.kv import host_tier
     from vllm_sinks.kv.introspection import scheduler_of
     from vllm_sinks.kv.offload import SinkOffloadingScheduler, sink_offloading_scheduler
 
     mp = pytest.MonkeyPatch()
+    pinned: list[tuple[int, int, list[torch.Tensor], bool]] = []  # bytes, torch's bytes, tensors, all pinned
+    original_register = host_tier.register
+
+    def record_register(tensors):
+        n = original_register(tensors)
+        torch_n = host_tier.torch_pinned_bytes(tensors)
+        pinned.append((n, torch_n, list(tensors), all(t.is_pinned() for t in tensors)))
+        return n
+
+    mp.setattr(host_tier, "register", record_register)
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     path = model_dir("hd128-kv2", head_dim=128, num_kv_heads=2, num_heads=4)
     host_hits: list[str] = []
@@ -95,6 +107,9 @@ def runs(model_dir, tmp_path_factory):
     results["offload_stats"] = policy.stats() if policy is not None else None
     results["offload_host_hits"] = list(host_hits)
     shut_down(llm)
+    results["pinned"] = [(n, torch_n, tensors_pinned, any(t.is_pinned() for t in ts))
+                         for n, torch_n, ts, tensors_pinned in pinned]  # fmt: skip
+    pinned.clear()
 
     corrupt_sink_stores(mp)
     host_hits.clear()
@@ -129,6 +144,17 @@ def test_paused_chats_resume_from_host_memory(runs):
             out.num_cached_tokens,
         )
     assert stats["offload_loaded_chunks"] == stats["offload_host_hits"] * (1 + -(-W // 16))
+
+
+def test_host_tier_is_pinned_exactly(runs):
+    """kv.host_tier: the offloading worker's host tensors (one per layer) are page-locked as allocated, not
+    rounded up to a power of two as torch's pinned allocator would, and unpinned when the engine ends."""
+    _, r = runs
+    assert len(r["pinned"]) == 1, r["pinned"]
+    exact, torch_bytes, pinned_while_serving, pinned_after_shutdown = r["pinned"][0]
+    print(f"host tier pinned {exact / 2**20:.1f} MiB; torch would pin {torch_bytes / 2**20:.1f} MiB")
+    assert pinned_while_serving and not pinned_after_shutdown
+    assert 0.39 * 2**30 < exact <= 0.4 * 2**30 < torch_bytes == 0.5 * 2**30
 
 
 def test_resumed_chats_equal_the_all_in_gpu_engine(runs):

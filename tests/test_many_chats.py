@@ -39,6 +39,12 @@ def test_paused_chats_resume_from_the_cache(tmp_path):
     assert r["turn2_resumed"] >= 29
     assert r["turn2_computed_tokens"] <= 32 * (64 + 200 + 2 * 16)
     assert r["preemptions_total"] == 0
+    # Turn 2's steps: every chat decodes its 64-token reply, so at least 63 decode-only steps, each
+    # scheduling no more chats than there are; nothing waits for a host tier (none configured).
+    steps = r["turn2_steps"]
+    assert steps["steps"] >= steps["decode_only_steps"] >= r["gen"] - 1, steps
+    assert 1 <= steps["mean_scheduled_requests"] <= steps["max_scheduled_requests"] <= 32, steps
+    assert steps["steps_with_loads_waiting"] == 0 and steps["decode_only_s"] > 0, steps
 
 
 def test_stated_capacity_is_what_the_scheduler_admits(tmp_path):

@@ -333,19 +333,17 @@ def test_bad_connector_settings_fail_at_start_up(tiny):
         build(kv_transfer_config=simple)
 
 
-def test_offloading_size_that_pins_more_than_the_host_has_fails(tiny, monkeypatch):
-    """torch rounds each pinned tensor up to a power of two, so vLLM's host tier of N GiB over L layers pins
-    L x 2^ceil(log2(N / L)) GiB: on an H100 host with 125 GiB free, --kv-offloading-size 96 for the 8B
-    shape (32 layers) pinned 128 GiB and the engine was killed by the kernel. The check counts the rounding
-    and names the largest size that fits; a size that fits passes."""
+def test_offloading_size_larger_than_the_host_has_fails(tiny, monkeypatch):
+    """SINKS pins the host tier exactly (kv.host_tier), so a size fits when the host has it available: 96 GiB
+    on a host with 100 GiB passes (torch's pinned allocator alone would have pinned 128 GiB for the 8B
+    shape's 32 layers and been killed by the kernel, H100 host, 2026-12-07); 101 GiB fails with the largest
+    size that fits."""
     from types import SimpleNamespace
 
     import psutil
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_sinks.kv.offload import pinned_host_bytes
-
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=100 * 2**30))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=100.5 * 2**30))
 
     def build(gib: float):
         return EngineArgs(
@@ -356,15 +354,32 @@ def test_offloading_size_that_pins_more_than_the_host_has_fails(tiny, monkeypatc
             kv_offloading_size=gib,
         ).create_engine_config()
 
-    config = build(64)  # the tiny model's 2 layers: 2 x 32 GiB, pinned as asked
-    assert pinned_host_bytes(config, 64 * 2**30) == (64 * 2**30, 2)
-    with pytest.raises(ValueError, match=r"pins 128 GiB .* lower --kv-offloading-size to 64 GiB or less"):
-        build(80)  # 2 x 40 GiB, each rounded up to 64 GiB
-    text = SimpleNamespace(num_hidden_layers=32)
-    llama8b = SimpleNamespace(model_config=SimpleNamespace(hf_text_config=text),
-                              parallel_config=SimpleNamespace(tensor_parallel_size=1))  # fmt: skip
-    assert pinned_host_bytes(llama8b, 96 * 2**30) == (128 * 2**30, 32)
-    assert pinned_host_bytes(llama8b, 16 * 2**30) == (16 * 2**30, 32)
+    assert build(96).kv_transfer_config.kv_connector_extra_config["cpu_bytes_to_use"] == 96 * 2**30
+    with pytest.raises(ValueError, match=r"101 GiB of pinned .* available \(100.5 GiB\): lower "
+                                         r"--kv-offloading-size to 100 GiB or less"):  # fmt: skip
+        build(101)
+
+
+def test_worker_side_pins_the_host_tier_exactly_under_sinks_only(tiny, monkeypatch):
+    """Patch 20: a SINKS engine's worker-side connector builds its CPU tier with kv.host_tier (host tensors
+    page-locked as allocated, not rounded to a power of two); another engine's keeps vLLM's worker. The
+    pinning itself needs CUDA: tests/test_gpu_offload.py."""
+    import functools
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import OffloadingConnector
+    from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
+
+    from vllm_sinks.kv.host_tier import exactly_pinned_cpu_worker
+
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=100)
+    sinks = OffloadingConnector(h.vllm_config, KVConnectorRole.WORKER, h.kv_cache_config)
+    create = sinks.connector_worker.spec.create_worker
+    assert isinstance(create, functools.partial) and create.func is exactly_pinned_cpu_worker
+    assert create.args == (sinks.connector_worker.spec,)
+    monkeypatch.setattr(h.vllm_config.attention_config, "backend", None)
+    stock = OffloadingConnector(h.vllm_config, KVConnectorRole.WORKER, h.kv_cache_config)
+    assert stock.connector_worker.spec.create_worker.__func__ is CPUOffloadingSpec.create_worker
 
 
 def test_metrics_count_offloaded_states(tiny):

@@ -52,8 +52,8 @@ SUPPORTED_CONNECTORS = ("OffloadingConnector",)
 
 def check_offloading(vllm_config: Any) -> None:
     """Start-up check of a SINKS engine's KV connector: only vLLM's native OffloadingConnector with its CPU
-    tier, one GPU block per offloaded chunk and no more pinned host memory than the host has free. Raises
-    with what to change."""
+    tier, one GPU block per offloaded chunk and no more host memory than the host has available (SINKS pins
+    the tier exactly, kv.host_tier). Raises with what to change."""
     kv_transfer = getattr(vllm_config, "kv_transfer_config", None)
     connector = getattr(kv_transfer, "kv_connector", None) if kv_transfer is not None else None
     if connector is None:
@@ -86,34 +86,12 @@ def check_offloading(vllm_config: Any) -> None:
         import psutil
 
         available = psutil.virtual_memory().available
-        pinned, tensors = pinned_host_bytes(vllm_config, float(cpu_bytes))
-        if pinned > available:
-            fits = tensors * 2 ** math.floor(math.log2(available / tensors)) if available >= tensors else 0
+        if float(cpu_bytes) > available:  # pinned exactly (kv.host_tier), so what is asked is what is pinned
             raise ValueError(
-                f"--kv-offloading-size {float(cpu_bytes) / 2**30:g} GiB pins {pinned / 2**30:g} GiB of host "
-                f"memory ({tensors} pinned tensors, one per layer and tensor-parallel rank, each rounded up "
-                f"to a power of two by torch's pinned allocator) but this host has "
-                f"{available / 2**30:.1f} GiB available: lower --kv-offloading-size to {fits / 2**30:g} GiB "
-                f"or less (sizes of {tensors} x a power of two pin no more than they ask)"
+                f"--kv-offloading-size {float(cpu_bytes) / 2**30:g} GiB of pinned host memory is more than "
+                f"this host has available ({available / 2**30:.1f} GiB): lower --kv-offloading-size to "
+                f"{math.floor(available / 2**30)} GiB or less"
             )
-        if pinned > 1.05 * float(cpu_bytes):
-            logger.warning(
-                "--kv-offloading-size %g GiB pins %g GiB of host memory (each of %d pinned tensors rounded "
-                "up to a power of two by torch); %g GiB would hold more states for the same memory",
-                float(cpu_bytes) / 2**30, pinned / 2**30, tensors, pinned / 2**30,
-            )  # fmt: skip
-
-
-def pinned_host_bytes(vllm_config: Any, cpu_bytes: float) -> tuple[int, int]:
-    """(bytes, tensors) that vLLM's CPU offloading pins for `cpu_bytes` of host tier: every worker holds one
-    pinned tensor per attention layer of its share (cpu_bytes / tensors bytes, for layers of one page size),
-    and torch's caching host allocator rounds each allocation up to a power of two."""
-    model_config = vllm_config.model_config
-    parallel = vllm_config.parallel_config
-    layers = int(getattr(model_config.hf_text_config, "num_hidden_layers", 1) or 1)
-    tensors = max(1, layers * int(parallel.tensor_parallel_size))
-    per_tensor = max(1, int(cpu_bytes // tensors))
-    return tensors * (1 << (per_tensor - 1).bit_length()), tensors
 
 
 class SinkOffloadingScheduler(OffloadingConnectorScheduler):

@@ -66,10 +66,15 @@ worker.py (the model runner's process)
     device fill of its null run, into staged-write buffers sized for two writes per request and step.
     upstream: StagedWriteTensor sizing its write buffers by the writes staged (or a max_writes argument),
     and a sparse-row write.
+20. OffloadingConnector.__init__ (worker role) / CPUOffloadingSpec.create_worker: under SINKS the CPU tier's
+    host tensors are page-locked exactly (kv.host_tier) instead of by torch's pinned allocator, which
+    rounds each up to a power of two (--kv-offloading-size 96 pinned 128 GiB for 32 layers). upstream: the
+    CPU tier allocating its host memory without the rounding (one registered region).
 
 Modules outside this package change vLLM objects only when a patch above calls them: attention.rope replaces
 a model's rotary module (15), sessions.tokens replaces a session Request's token and hash lists (9, 10), and
-kv.eviction wraps the pool's free queue (7), kv.offload subclasses the offloading scheduler (18).
+kv.eviction wraps the pool's free queue (7), kv.offload subclasses the offloading scheduler (18) and
+kv.host_tier builds the offloading worker's host memory (20).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Patches that act in the worker, where the model runner runs (registry entries 12-17)."""
+"""Patches that act in the worker, where the model runner runs (registry entries 12-17, 20)."""
 
 from __future__ import annotations
 
@@ -204,6 +204,32 @@ def patch_v2_block_tables() -> None:
     BlockTables.append_block_ids = append_block_ids
 
 
+def patch_offloading_host_memory() -> None:
+    """20. vllm.v1.kv_offload.cpu.spec.CPUOffloadingSpec.create_worker (as the worker-side
+    OffloadingConnector's spec calls it): vLLM's CPU offloading worker pins its host tensors with torch's
+    caching host allocator, which rounds each up to a power of two (--kv-offloading-size 96 pins 128 GiB for
+    32 layers). Under SINKS the worker's spec builds kv.host_tier.exactly_pinned_cpu_worker instead: the same
+    worker, its host tensors page-locked exactly (cudaHostRegister). upstream: the CPU tier allocating its
+    host tensors without the power-of-two rounding (one registered region, as its shared-memory path does)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import OffloadingConnector
+    from vllm.v1.kv_offload.cpu.spec import CPUOffloadingSpec
+
+    from vllm_sinks.kv.host_tier import exactly_pinned_cpu_worker
+
+    original = OffloadingConnector.__init__
+
+    @functools.wraps(original)
+    def __init__(self, vllm_config, role, kv_cache_config):
+        original(self, vllm_config, role, kv_cache_config)
+        worker = self.connector_worker
+        if role == KVConnectorRole.WORKER and sinks_active(vllm_config) and worker is not None:
+            if type(worker.spec) is CPUOffloadingSpec:
+                worker.spec.create_worker = functools.partial(exactly_pinned_cpu_worker, worker.spec)
+
+    OffloadingConnector.__init__ = __init__
+
+
 def apply() -> None:
     patch_cpu_platform()
     patch_cpu_seeded_chunked_prefill()
@@ -211,3 +237,4 @@ def apply() -> None:
     patch_model_loader()
     patch_v2_request_state()
     patch_v2_block_tables()
+    patch_offloading_host_memory()

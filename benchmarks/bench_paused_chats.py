@@ -5,7 +5,9 @@ otherwise it re-prefills its entire history.
 
 Reported per run: chats resumed in turn 2 (vLLM's per-request cached-token count), turn times, prompt tokens
 computed vs served from the cache, preemptions, and where the resumable states went: how many states were
-still whole in the cache right after turn 1 and right before turn 2 (state blocks still carrying their hash).
+still whole in the cache right after turn 1 and right before turn 2 (state blocks still carrying their hash),
+and turn 2's engine steps (`turn2_steps`: how many, how many requests each scheduled, how long decode-only
+steps and steps with host-tier loads pending took).
 Right after turn 1 every chat also resends its turn-1 prompt unchanged (a "regenerate"), which must hit too:
 it needs the W tokens before the prompt's end, some of which left the window while the reply was decoded.
     python benchmarks/bench_paused_chats.py --chats 32,64 --history 65536 --out ...       # H100, 8B shape
@@ -122,6 +124,55 @@ class StateTracker:
         )
 
 
+class StepRecorder:
+    """Each engine step of a turn (benchmark instrumentation only): when it started, how many requests it
+    scheduled and how many tokens, and how many requests waited for a KV load from the host tier. Turn 2's
+    time is then read as steps x their length: a pool that holds fewer running chats at once takes more
+    decode steps for the same replies, which is not the cost of the transfers."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.rows: list[tuple[float, int, int, int, int]] | None = None
+        original = scheduler.schedule
+
+        def schedule(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if self.rows is not None:
+                from vllm.v1.request import RequestStatus
+
+                tokens = out.num_scheduled_tokens
+                loading = sum(r.status == RequestStatus.WAITING_FOR_REMOTE_KVS for r in scheduler.waiting)
+                decodes = sum(n == 1 for n in tokens.values())
+                total = out.total_num_scheduled_tokens
+                self.rows.append((time.perf_counter(), len(tokens), total, decodes, loading))
+            return out
+
+        scheduler.schedule = schedule
+
+    def start(self) -> None:
+        self.rows = []
+
+    def stop(self, end: float) -> dict:
+        rows, self.rows = self.rows or [], None
+        if not rows:
+            return {}
+        lengths = [b[0] - a[0] for a, b in zip(rows, rows[1:], strict=False)] + [end - rows[-1][0]]
+        decode_only = [i for i, r in enumerate(rows) if r[1] and r[3] == r[1]]
+        waiting = [i for i, r in enumerate(rows) if r[4]]
+        idle = [i for i, r in enumerate(rows) if not r[1]]
+        return {
+            "steps": len(rows),
+            "decode_only_steps": len(decode_only),
+            "decode_only_s": round(sum(lengths[i] for i in decode_only), 3),
+            "mean_scheduled_requests": round(sum(r[1] for r in rows) / len(rows), 1),
+            "max_scheduled_requests": max(r[1] for r in rows),
+            "steps_with_loads_waiting": len(waiting),
+            "steps_with_loads_waiting_s": round(sum(lengths[i] for i in waiting), 3),
+            "idle_steps": len(idle),
+            "idle_s": round(sum(lengths[i] for i in idle), 3),
+        }
+
+
 def run_turn(llm, prompts, gen, tag):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -157,7 +208,7 @@ def resumed(cached: int, reusable: int, block_size: int) -> bool:
     return cached >= (reusable // block_size) * block_size - block_size
 
 
-def run_case(llm, tracker, a, chats: int, seed: int) -> dict:
+def run_case(llm, tracker, steps, a, chats: int, seed: int) -> dict:
     """One case: `chats` chats take turn 1, a regenerate, then turn 2 (see module docstring)."""
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     rng = random.Random(seed)
@@ -179,7 +230,9 @@ def run_case(llm, tracker, a, chats: int, seed: int) -> dict:
         for p, o in zip(prompts1, outs1, strict=True)
     ]
     preempt_before = tracker.preemptions
+    steps.start()
     outs2, wall2 = run_turn(llm, prompts2, a.gen, "turn2")
+    turn2_steps = steps.stop(time.perf_counter())
     preempt_turn2 = tracker.preemptions - preempt_before
     reusable2 = [len(p) + len(o.outputs[0].token_ids) for p, o in zip(prompts1, outs1, strict=True)]
     cached2 = [o.num_cached_tokens or 0 for o in outs2]
@@ -206,6 +259,7 @@ def run_case(llm, tracker, a, chats: int, seed: int) -> dict:
         "states_whole_after_turn2": tracker.whole(ids2),
         "preemptions_total": tracker.preemptions - preempt0,
         "turn2_s_per_chat": round(wall2 / chats, 4),
+        "turn2_steps": turn2_steps,
         **(
             {"offload_chunks_stored_per_chat": round(stored_turn1 / chats, 2)}
             if stored_turn1 is not None
@@ -246,11 +300,12 @@ def main(argv=None) -> dict:
     llm, kw = build_llm(a)
     scheduler = scheduler_of(llm)
     tracker = StateTracker(scheduler)
+    steps = StepRecorder(scheduler)
     cases = []
     for i, chats in enumerate(int(x) for x in str(a.chats).split(",")):
         if i:
             assert llm.reset_prefix_cache(), "the previous case left blocks held"
-        cases.append(run_case(llm, tracker, a, chats, a.seed + i))
+        cases.append(run_case(llm, tracker, steps, a, chats, a.seed + i))
         print(json.dumps(cases[-1]), flush=True)
     result = {
         "benchmark": "paused_chats",

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stop-after-tokens", type=int, default=None,
                    help="end once the stream is this long (e.g. just past the trained context)")  # fmt: skip
     p.add_argument("--dtype", default=None, help="default: vLLM's (float32 on CPU)")
+    p.add_argument("--enforce-eager", action="store_true", help="no compilation or CUDA graphs (faster start)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step (default vLLM's; smaller starts faster on a CPU)")  # fmt: skip
     p.add_argument("--out", default=None, help="JSON transcript")
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     kw: dict = dict(model=model, enable_prefix_caching=True, max_logprobs=1)
     if a.dtype:
         kw["dtype"] = a.dtype
+    if a.enforce_eager:
+        kw["enforce_eager"] = True
+    if a.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = a.max_num_batched_tokens
     if a.experiment == "dense":  # vLLM's own attention; the stream limit is the trained context
         if a.max_model_len:
             kw["max_model_len"] = a.max_model_len

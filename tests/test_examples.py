@@ -41,7 +41,8 @@ def test_streaming_demo_runs_the_three_experiments(tmp_path):
         assert proc.returncode == 0, proc.stderr[-6000:]
         return json.loads(out.read_text())
 
-    common = ["--window-tokens", "60", "--max-new-tokens", "24", "--dtype", "float32"]
+    common = ["--window-tokens", "60", "--max-new-tokens", "24", "--dtype", "float32", "--enforce-eager",
+              "--max-num-batched-tokens", "512"]  # fmt: skip
     sinks = run_demo("--experiment", "sinks", "--prompts", "4", *common)
     assert len(sinks["turns"]) == 4 and sinks["turns"][-1]["stream_tokens"] > 64
     assert all(t["reply_tokens"] > 0 and t["fresh_context_ppl"] > 1 for t in sinks["turns"])

@@ -34,7 +34,8 @@
 #   offload_scale CHATS GIB CONFIG...  the same at scale with the whole default pool (0.9 of the GPU: on an
 #                  H100 ~421 states at W = 1020, so 640 chats are 1.5x what it holds) and GIB of host memory;
 #                  CONFIG: sinks_offload, sinks_no_offload, sliding_offload (one engine after another);
-#                  POOL_BLOCKS=N sets the pool instead (another GPU: 27,808 blocks is the H100's at 0.9)
+#                  POOL_BLOCKS=N sets their pool instead (another GPU: 27,808 blocks is the H100's at 0.9);
+#                  sinks_all_gpu: SINKS with the default pool (an H200's holds 640 states at W = 1020)
 #   stress [STEPS] the GPU stress test (tests/test_gpu_stress.py: 8B shape, model runner V2, STEPS per row mode)
 #   capacity       100 chats x 65,536-token uncached prompts arriving together
 #   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
@@ -180,12 +181,14 @@ PY
     chats=$3 gib=$4
     shift 4
     common=(--chats "$chats" --history 8192 --window-tokens 1020 --sliding-window 1024 --no-regenerate --enforce-eager)
-    if [ -n "${POOL_BLOCKS:-}" ]; then common+=(--num-gpu-blocks "$POOL_BLOCKS"); fi
+    pool=()
+    if [ -n "${POOL_BLOCKS:-}" ]; then pool=(--num-gpu-blocks "$POOL_BLOCKS"); fi
     for name in "$@"; do
       case $name in
-        sinks_offload) args=(--mode sinks --kv-offloading-size "$gib") ;;
-        sinks_no_offload) args=(--mode sinks) ;;
-        sliding_offload) args=(--mode sliding --kv-offloading-size "$gib") ;;
+        sinks_offload) args=(--mode sinks --kv-offloading-size "$gib" "${pool[@]}") ;;
+        sinks_no_offload) args=(--mode sinks "${pool[@]}") ;;
+        sliding_offload) args=(--mode sliding --kv-offloading-size "$gib" "${pool[@]}") ;;
+        sinks_all_gpu) args=(--mode sinks) ;;  # the whole default pool, whatever POOL_BLOCKS
         *) echo "offload_scale: unknown configuration $name"; exit 2 ;;
       esac
       python3 benchmarks/bench_paused_chats.py "${common[@]}" "${args[@]}" --out "$OUT/scale_$name.json" \

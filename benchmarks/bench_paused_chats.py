@@ -141,7 +141,9 @@ class StepRecorder:
                 from vllm.v1.request import RequestStatus
 
                 tokens = out.num_scheduled_tokens
-                loading = sum(r.status == RequestStatus.WAITING_FOR_REMOTE_KVS for r in scheduler.waiting)
+                # vLLM parks a request whose KV loads from the host tier in skipped_waiting until it is loaded
+                queued = [*scheduler.waiting, *getattr(scheduler, "skipped_waiting", ())]
+                loading = sum(r.status == RequestStatus.WAITING_FOR_REMOTE_KVS for r in queued)
                 decodes = sum(n == 1 for n in tokens.values())
                 total = out.total_num_scheduled_tokens
                 self.rows.append((time.perf_counter(), len(tokens), total, decodes, loading))

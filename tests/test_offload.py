@@ -4,7 +4,9 @@ worker side (vLLM's CUDA transfers) and the outputs run in tests/test_gpu_offloa
 
 from __future__ import annotations
 
+import os
 import random
+import time
 
 import pytest
 from offload_harness import OffloadHarness, corrupt_sink_stores
@@ -380,6 +382,25 @@ def test_worker_side_pins_the_host_tier_exactly_under_sinks_only(tiny, monkeypat
     monkeypatch.setattr(h.vllm_config.attention_config, "backend", None)
     stock = OffloadingConnector(h.vllm_config, KVConnectorRole.WORKER, h.kv_cache_config)
     assert stock.connector_worker.spec.create_worker.__func__ is CPUOffloadingSpec.create_worker
+
+
+def test_step_recorder_counts_steps_waiting_for_host_loads(tiny):
+    """bench_paused_chats' turn-2 step record on vLLM's scheduler and connector: a step in which a chat's
+    state is loaded from the host counts as a step with loads pending (vLLM parks such requests in
+    skipped_waiting, not waiting: the GPU run of 2026-12-07 counted none through `waiting` alone)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from bench_paused_chats import StepRecorder
+
+    h = OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400)
+    steps = StepRecorder(h.scheduler)
+    steps.start()
+    _two_turns(h, chats=10, history=400)
+    record = steps.stop(time.perf_counter())
+    hits = h.policy.stats()["offload_host_hits"]
+    assert hits >= 4 and record["steps_with_loads_waiting"] >= hits, (hits, record)
+    assert record["steps"] == h.step_count
 
 
 def test_metrics_count_offloaded_states(tiny):

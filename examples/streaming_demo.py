@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stop-after-tokens", type=int, default=None,
                    help="end once the stream is this long (e.g. just past the trained context)")  # fmt: skip
     p.add_argument("--dtype", default=None, help="default: vLLM's (float32 on CPU)")
-    p.add_argument("--enforce-eager", action="store_true", help="no compilation or CUDA graphs (faster start)")
+    p.add_argument("--enforce-eager", action="store_true", help="no compile, no CUDA graphs (faster start)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per engine step (default vLLM's; smaller starts faster on a CPU)")  # fmt: skip
+                   help="tokens per engine step (default: vLLM's; smaller starts faster on CPU)")  # fmt: skip
     p.add_argument("--out", default=None, help="JSON transcript")
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

@@ -25,8 +25,8 @@ there).
 
 Invariants: `place` never returns a dead replica while a live one exists; a key maps to one replica at a
 time; the table holds at most `max_keys` keys; `chats[url]` is the number of keys placed on `url`; a new chat
-lands on a replica holding `balance` times the live replicas' mean or more only when every live replica
-below that bound is full.
+goes to a live replica below `balance` times the live replicas' mean (one always is) unless every such
+replica is full.
 """
 
 from __future__ import annotations

@@ -90,7 +90,10 @@ class OffloadHarness:
         self.hasher = get_request_block_hasher(block_size, sha256)
         self.policy = self.scheduler.connector.connector_scheduler
         self.gpu: dict[int, Any] = {}  # GPU block id -> block hash written into it
-        self.host: dict[int, Any] = {}  # host chunk id -> block hash stored into it
+        # host chunk id -> block hash stored into it; under a tiered spec, the bytes of vLLM's CPU tier itself
+        # (what its disk tier writes and promotes)
+        primary = getattr(self.policy.manager, "primary_tier", None)
+        self.host: Any = PrimaryTierHashes(primary.get_kv_memoryview()) if primary is not None else {}
         self.pending_stores: dict[int, Any] = {}
         self.requests: dict[str, Any] = {}
         self.outputs: dict[str, list[int]] = {}
@@ -191,10 +194,36 @@ class OffloadHarness:
             )
             self.checked_blocks += 1
 
+    def shutdown(self) -> None:
+        self.scheduler.shutdown()
+
     # -- views ----------------------------------------------------------------------------------------------
     def manager(self) -> Any:
         (group,) = self.scheduler.kv_cache_manager.coordinator.single_type_managers
         return group
+
+
+class PrimaryTierHashes:
+    """A host store of block hashes kept in the bytes of vLLM's CPU tier (TieringOffloadingSpec's shared
+    region), so that the tier's disk writes and promotions move them: chunk b holds its hash in the first
+    bytes of row b, after a marker byte (1 = written)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view.cast("B")
+        self.row = view.strides[0]
+
+    def __setitem__(self, chunk: int, block_hash: Any) -> None:
+        raw = bytes(block_hash) if block_hash is not None else b""
+        self.view[chunk * self.row : chunk * self.row + 1 + len(raw) + 1] = bytes([1, len(raw)]) + raw
+
+    def __getitem__(self, chunk: int) -> Any:
+        from vllm.v1.core.kv_cache_utils import BlockHash
+
+        at = chunk * self.row
+        if self.view[at] != 1:
+            return None
+        n = self.view[at + 1]
+        return BlockHash(bytes(self.view[at + 2 : at + 2 + n])) if n else None
 
 
 def corrupt_sink_stores(monkeypatch: Any) -> None:

@@ -21,7 +21,7 @@ CHATS, HISTORY, REPLY, NEW = 24, 1500, 12, 40
 TIE = 0.05  # nats: bf16 engines against each other (a first token within this of the other's logprob)
 
 
-def _engine(path: str, offload: bool):
+def _engine(path: str, offload: bool, disk: str | None = None):
     from vllm import LLM
 
     kw = dict(
@@ -41,24 +41,63 @@ def _engine(path: str, offload: bool):
     if offload:
         # 0.4 GiB over 2 layers: 0.2 GiB a host tensor, which torch's pinned allocator would round to 0.25
         kw |= dict(num_gpu_blocks_override=96, kv_offloading_size=0.4, kv_offloading_backend="native")
+    if disk is not None:
+        # vLLM's CPU tier (64 MiB, in /dev/shm) with its file-system tier behind it (kv.offload: disk)
+        from vllm.config import KVTransferConfig
+
+        tiers = {
+            "spec_name": "TieringOffloadingSpec",
+            "cpu_bytes_to_use": 2**26,
+            "secondary_tiers": [{"type": "fs", "root_dir": disk}],
+        }
+        connector = KVTransferConfig(
+            kv_connector="OffloadingConnector", kv_role="kv_both", kv_connector_extra_config=tiers
+        )
+        kw |= dict(num_gpu_blocks_override=96, kv_transfer_config=connector)
     return LLM(**kw)
+
+
+def _prompts() -> tuple[list[list[int]], list[list[int]]]:
+    """Each chat's turn-1 prompt and the new tokens of its turn 2."""
+    rng = random.Random(0)
+    first = [[rng.randrange(3, 380) for _ in range(HISTORY)] for _ in range(CHATS)]
+    return first, [[rng.randrange(3, 380) for _ in range(NEW)] for _ in range(CHATS)]
+
+
+def _turn(llm, prompts: list[list[int]]) -> list:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=REPLY, temperature=0, ignore_eos=True, logprobs=1)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+
+
+def _second(first: list[list[int]], out1: list, new: list[list[int]]) -> list[list[int]]:
+    return [p + list(o.outputs[0].token_ids) + n for p, o, n in zip(first, out1, new, strict=True)]
 
 
 def _conversation(llm) -> tuple[list[list[int]], list]:
     """Turn 1 of every chat, then turn 2 of every chat; returns turn 2's prompts and outputs."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    first, new = _prompts()
+    second = _second(first, _turn(llm, first), new)
+    return second, _turn(llm, second)
 
-    rng = random.Random(0)
-    first = [[rng.randrange(3, 380) for _ in range(HISTORY)] for _ in range(CHATS)]
-    params = SamplingParams(max_tokens=REPLY, temperature=0, ignore_eos=True, logprobs=1)
-    out1 = llm.generate([TokensPrompt(prompt_token_ids=p) for p in first], params)
-    second = [
-        p + list(o.outputs[0].token_ids) + [rng.randrange(3, 380) for _ in range(NEW)]
-        for p, o in zip(first, out1, strict=True)
-    ]
-    out2 = llm.generate([TokensPrompt(prompt_token_ids=p) for p in second], params)
-    return second, out2
+
+def _idle(llm) -> None:
+    """Steps the in-process engine core until its scheduler has nothing left (finished requests' last stores,
+    transfers, disk writes), as a server's busy loop does before it waits for requests."""
+    import time
+
+    from vllm_sinks.kv.introspection import scheduler_of
+
+    core = llm.llm_engine.engine_core.engine_core
+    for _ in range(5000):
+        if not scheduler_of(llm).has_requests():
+            return
+        _, executed = core.step_fn()
+        if not executed:
+            time.sleep(0.002)
+    raise AssertionError("the engine did not go idle")
 
 
 def _first_logprob(out) -> tuple[int, float]:
@@ -218,3 +257,93 @@ def test_corrupted_sinks_on_the_host_change_the_outputs(runs):
              or _first_logprob(bad[i])[0] != _first_logprob(ok[i])[0]]  # fmt: skip
     print(f"sinks corrupted on the host: {len(moved)} of {len(hits)} host-resumed chats moved")
     assert len(moved) >= len(hits) // 2
+
+
+@pytest.fixture(scope="module")
+def restart(runs, tmp_path_factory):
+    """Paused chats that survive a restart (kv.offload: disk): turn 1 of every chat on an engine with vLLM's
+    file-system tier behind its CPU tier, the engine idle then shut down; turn 2 of every chat on a new engine
+    (an empty GPU pool and CPU tier, the same disk and PYTHONHASHSEED)."""
+    import os
+
+    from vllm_sinks.kv.offload import SinkOffloadingScheduler
+
+    path, _ = runs
+    root = str(tmp_path_factory.mktemp("disk_tier"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    mp.setenv("PYTHONHASHSEED", "0")
+    hits: dict[str, int] = {}
+    original_alloc = SinkOffloadingScheduler.update_state_after_alloc
+
+    def record_hits(self, request, blocks, num_external_tokens):
+        if num_external_tokens:
+            hits[request.request_id] = num_external_tokens
+        return original_alloc(self, request, blocks, num_external_tokens)
+
+    mp.setattr(SinkOffloadingScheduler, "update_state_after_alloc", record_hits)
+    first, new = _prompts()
+    llm = _engine(path, offload=False, disk=root)
+    out1 = _turn(llm, first)
+    _idle(llm)
+    shut_down(llm)
+    files = sum(name.endswith(".bin") for _, _, names in os.walk(root) for name in names)
+    hits.clear()
+    second = _second(first, out1, new)
+    llm = _engine(path, offload=False, disk=root)
+    out2 = _turn(llm, second)
+    shut_down(llm)
+    mp.undo()
+    torch.cuda.empty_cache()
+    return {"files": files, "prompts": second, "outputs": out2, "hits": dict(hits)}
+
+
+def test_paused_chats_resume_from_disk_after_a_restart(restart):
+    """>= 95% of the chats (here all) find their state on disk after the restart and compute only their
+    new tokens; the disk holds their states and nothing else (per chat its sink chunk and the window chunks
+    before its prompt's end and before its end: chunks 89-93 of 1,512 tokens, 6 chunks)."""
+    outs = restart["outputs"]
+    resumed = _turn2_index(list(restart["hits"]), outs)
+    print(f"disk tier: {restart['files']} chunk files after turn 1; {len(resumed)} of {CHATS} chats resumed "
+          f"from disk after the restart")  # fmt: skip
+    assert restart["files"] == CHATS * 6
+    assert len(resumed) >= 0.95 * CHATS
+    for out in outs:  # a hit at the last whole chunk of turn 1 (its last token has no KV)
+        assert out.num_cached_tokens == (HISTORY + REPLY - 1) // 16 * 16, out.request_id
+
+
+def test_disk_resumed_chats_equal_the_all_in_gpu_engine(runs, restart):
+    """As for the host tier: the chats whose turn-2 prompt is the same (turn 1 ran in the same 96-block
+    batches as the host-tier engine, not as the all-in-GPU one) start with the same token, within TIE."""
+    _, r = runs
+    prompts_gpu, gpu = r["gpu"]
+    prompts, outs = restart["prompts"], restart["outputs"]
+    same = [i for i in range(CHATS) if prompts_gpu[i] == prompts[i]]
+    worst = max((abs(_first_logprob(outs[i])[1] - _first_logprob(gpu[i])[1]) for i in same), default=0.0)
+    pairs = [(outs[i].outputs[0].token_ids, gpu[i].outputs[0].token_ids) for i in same]
+    equal = sum(a == b for o, g in pairs for a, b in zip(o, g, strict=True))
+    print(f"disk vs all-in-GPU: {len(same)} of {CHATS} same prompts; {equal}/{len(same) * REPLY} tokens "
+          f"equal; first-token logprob max diff {worst:.4f}")  # fmt: skip
+    assert len(same) >= 2 * CHATS // 3
+    assert all(_first_logprob(outs[i])[0] == _first_logprob(gpu[i])[0] for i in same)
+    assert worst < TIE and equal >= 0.9 * len(same) * REPLY
+
+
+def test_disk_resumed_chats_equal_the_float32_reference(runs, restart):
+    from reference import StreamingLlama
+
+    path, _ = runs
+    prompts, outs = restart["prompts"], restart["outputs"]
+    ref = StreamingLlama(path, S, W)
+    checked = agree = 0
+    for i in _turn2_index(list(restart["hits"]), outs)[:8]:
+        ref.reset()
+        for t in prompts[i][:-1]:
+            ref.step(t)
+        last = prompts[i][-1]
+        for tok in outs[i].outputs[0].token_ids:
+            agree += int(int(torch.argmax(ref.step(last))) == tok)
+            checked += 1
+            last = tok
+    print(f"disk-resumed chats vs the float32 reference: {agree}/{checked} greedy tokens agree")
+    assert checked and agree >= 0.95 * checked

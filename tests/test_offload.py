@@ -325,10 +325,27 @@ def test_bad_connector_settings_fail_at_start_up(tiny):
         )
     with pytest.raises(ValueError, match="lower --kv-offloading-size"):
         build(kv_offloading_size=1e6)
-    with pytest.raises(ValueError, match="not 'TieringOffloadingSpec'.* remove 'spec_name'"):
-        tiering = {"spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 2**30}
+    with pytest.raises(ValueError, match="not 'SharedStorageSpec'.* remove 'spec_name'"):
+        other = {"spec_name": "SharedStorageSpec", "cpu_bytes_to_use": 2**30}
         build(kv_transfer_config=KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both",
-                                                  kv_connector_extra_config=tiering))  # fmt: skip
+                                                  kv_connector_extra_config=other))  # fmt: skip
+
+    def tiered(*tiers, cpu_bytes=2**20):
+        extra = {"spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": cpu_bytes}
+        extra["secondary_tiers"] = list(tiers)
+        return KVTransferConfig(
+            kv_connector="OffloadingConnector", kv_role="kv_both", kv_connector_extra_config=extra
+        )
+
+    with pytest.raises(ValueError, match="not 'obj'.* change the tier's 'type' to 'fs'"):
+        build(kv_transfer_config=tiered({"type": "obj", "bucket": "b"}))
+    with pytest.raises(ValueError, match="add 'root_dir'"):
+        build(kv_transfer_config=tiered({"type": "fs"}))
+    with pytest.raises(ValueError, match="root_dir '/proc/sinks' cannot be created"):
+        build(kv_transfer_config=tiered({"type": "fs", "root_dir": "/proc/sinks"}))
+    shm = os.statvfs("/dev/shm")
+    with pytest.raises(ValueError, match="keeps its CPU tier in /dev/shm.* or give /dev/shm more room"):
+        build(kv_transfer_config=tiered(cpu_bytes=shm.f_bavail * shm.f_frsize + 2**30))
     # what --kv-offloading-size builds under VLLM_USE_SIMPLE_KV_OFFLOAD=1 (vLLM caches its env reads)
     with pytest.raises(ValueError, match="unset VLLM_USE_SIMPLE_KV_OFFLOAD"):
         simple = KVTransferConfig(kv_connector="SimpleCPUOffloadConnector", kv_role="kv_both")
@@ -489,3 +506,97 @@ def test_kv_pages_are_block_major_under_a_connector(monkeypatch):
     pages = torch.as_strided(raw, (blocks, page), (page, 1))  # what the offloading worker copies
     for b in range(blocks):
         assert torch.equal(pages[b], torch.cat((kv[0, b].flatten(), kv[1, b].flatten())))
+
+
+def _disk_harness(tiny, root: str) -> OffloadHarness:
+    tiers = {"spec_name": "TieringOffloadingSpec", "secondary_tiers": [{"type": "fs", "root_dir": root}]}
+    return OffloadHarness(tiny, (S, W), num_gpu_blocks=48, host_chunks=400, extra_config=tiers)
+
+
+def _restart(tiny, root: str, chats: int = 8, history: int = 400, reply: int = 40):
+    """Turn 1 of every chat on one engine's scheduler, its shutdown, then turn 2 of every chat on a new one
+    (an empty GPU pool and CPU tier, the same disk). Returns the new harness and each chat's history."""
+    rng = random.Random(3)
+    h = _disk_harness(tiny, root)
+    first = {f"c{i}": _prompt(rng, history) for i in range(chats)}
+    for cid, prompt in first.items():
+        h.add(f"{cid}-t1", prompt, reply)
+        h.run()
+    replies = {cid: h.outputs[f"{cid}-t1"] for cid in first}
+    h.shutdown()  # drains the disk tier's writes
+    h2 = _disk_harness(tiny, root)
+    for cid, prompt in first.items():
+        h2.add(f"{cid}-t2", prompt + replies[cid] + _prompt(rng, 24), reply)
+        h2.run()
+    h2.shutdown()
+    return h2, {cid: len(p) + reply for cid, p in first.items()}
+
+
+def test_paused_chats_resume_from_disk_after_a_restart(tiny, tmp_path, monkeypatch):
+    """vLLM's file-system tier behind the CPU tier (TieringOffloadingSpec): every stored state chunk is also
+    written to disk, and after a restart (a new scheduler, its CPU tier empty, the same PYTHONHASHSEED) every
+    chat's turn 2 promotes its state from disk and computes only what follows; every block a request reads
+    holds its own KV, moved GPU -> CPU tier -> file -> CPU tier -> GPU (the harness keeps hashes in the CPU
+    tier's own bytes)."""
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    h, turn1 = _restart(tiny, str(tmp_path))
+    files = [f for _, _, names in os.walk(tmp_path) for f in names if f.endswith(".bin")]
+    # on disk: turn 1's states (per chat its sink chunk and the window chunks before its prompt's end and
+    # before its end: chunks 20-26 of 400 + 40 tokens) and what turn 2 stored after restart; nothing else
+    assert len(files) == 8 * (SINK_CHUNKS + 7) + h.policy.num_stored_chunks
+    for cid, tokens in turn1.items():
+        assert h.num_computed_tokens_scheduled[f"{cid}-t2"] == (tokens - 1) // 16 * 16, cid
+    assert h.policy.num_host_hits == 8
+    assert h.policy.num_loaded_chunks == 8 * (SINK_CHUNKS + WINDOW_CHUNKS)
+    assert h.checked_blocks > 0
+    assert h.manager().block_pool.get_num_free_blocks() == 48 - 1
+
+
+def test_disk_states_need_the_same_hash_seed(tiny, tmp_path, monkeypatch):
+    """What does not survive a restart: block hashes are seeded by PYTHONHASHSEED (at random without it), so
+    a server started with another seed finds none of the states on disk and recomputes every history."""
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    h = _disk_harness(tiny, str(tmp_path))
+    h.add("c0-t1", _prompt(random.Random(3), 400), 40)
+    h.run()
+    prompt = h.requests["c0-t1"].all_token_ids[:-1] + [5] * 24
+    h.shutdown()
+    monkeypatch.setenv("PYTHONHASHSEED", "1")
+    h2 = _disk_harness(tiny, str(tmp_path))
+    h2.add("c0-t2", prompt, 8)
+    h2.run()
+    h2.shutdown()
+    assert h2.policy.num_host_hits == 0 and h2.num_computed_tokens_scheduled["c0-t2"] == 0
+
+
+def test_a_corrupted_state_file_fails_the_check(tiny, tmp_path, monkeypatch):
+    """The restart test sees the disk: a state's sink chunk file overwritten with another chunk's bytes
+    fails the row check of the chat that resumes from it."""
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    from vllm_sinks.kv.offload import disk_tiers
+
+    h = _disk_harness(tiny, str(tmp_path))
+    h.add("c0-t1", _prompt(random.Random(3), 400), 40)
+    h.run()
+    req = h.requests["c0-t1"]
+    (tier,) = disk_tiers(h.policy.manager)
+    keys = h.policy._req_status.get("c0-t1")
+    prompt = req.all_token_ids[:-1] + [5] * 24
+    h.shutdown()
+    sink_file = tier.file_mapper.get_file_name(_offload_key(req.block_hashes[0]))
+    window_file = tier.file_mapper.get_file_name(_offload_key(req.block_hashes[-2]))
+    assert keys is None and os.path.exists(sink_file) and os.path.exists(window_file)
+    with open(window_file, "rb") as f:
+        other = f.read()
+    with open(sink_file, "wb") as f:
+        f.write(other)
+    h2 = _disk_harness(tiny, str(tmp_path))
+    h2.add("c0-t2", prompt, 8)
+    with pytest.raises(AssertionError, match="c0-t2: block 0 of its row"):
+        h2.run()
+
+
+def _offload_key(block_hash, group: int = 0):
+    from vllm.v1.kv_offload.base import make_offload_key
+
+    return make_offload_key(block_hash, group)

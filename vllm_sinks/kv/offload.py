@@ -20,11 +20,17 @@ transfers, the host store (its LRU) and the worker stay vLLM's. One offloaded ch
   middle are null blocks, kv.manager.SinkWindowManager.allocate_external_computed_blocks).
 * touch: a hit touches its sink chunks with its window chunks, so the host's LRU evicts a chat's state as a
   whole, least recently used first.
+* disk: with TieringOffloadingSpec and vLLM's file-system tier behind the CPU tier, every stored chunk is
+  also written to disk (vLLM cascades each store), so the disk holds the same resumable states; a lookup that
+  misses the CPU tier promotes the state's chunks from disk first. With a fixed PYTHONHASHSEED the block
+  hashes, and so the file names, are the same after a restart: a paused chat resumes from disk. The queued
+  writes are drained at shutdown.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,12 +54,20 @@ logger = init_logger(__name__)
 
 # The connectors SINKS serves: vLLM's native offloading (--kv-offloading-size GiB, backend native).
 SUPPORTED_CONNECTORS = ("OffloadingConnector",)
+# vLLM's offloading specs SINKS serves: the CPU tier, and the CPU tier with secondary tiers behind it.
+SUPPORTED_SPECS = ("CPUOffloadingSpec", "TieringOffloadingSpec")
+# Secondary tiers tested with SINKS' store and load policy: vLLM's file-system tier (local disk).
+SUPPORTED_SECONDARY_TIERS = ("fs",)
+# Where TieringOffloadingSpec keeps its CPU tier (vllm.v1.kv_offload.cpu.shared_offload_region).
+SHARED_MEMORY_DIR = "/dev/shm"
 
 
 def check_offloading(vllm_config: Any) -> None:
-    """Start-up check of a SINKS engine's KV connector: only vLLM's native OffloadingConnector with its CPU
-    tier, one GPU block per offloaded chunk and no more host memory than the host has available (SINKS pins
-    the tier exactly, kv.host_tier). Raises with what to change."""
+    """Start-up check of a SINKS engine's KV connector: only vLLM's native OffloadingConnector, with its CPU
+    tier alone or with file-system tiers behind it (TieringOffloadingSpec), one GPU block per offloaded chunk,
+    no more host memory than the host has available (SINKS pins the CPU tier exactly, kv.host_tier; the
+    tiered spec's lives in /dev/shm) and a writable directory for each disk tier. Raises with what to
+    change."""
     kv_transfer = getattr(vllm_config, "kv_transfer_config", None)
     connector = getattr(kv_transfer, "kv_connector", None) if kv_transfer is not None else None
     if connector is None:
@@ -70,19 +84,32 @@ def check_offloading(vllm_config: Any) -> None:
         )
     extra = dict(kv_transfer.kv_connector_extra_config or {})
     spec_name = extra.get("spec_name", "CPUOffloadingSpec")
-    if spec_name != "CPUOffloadingSpec":
+    if spec_name not in SUPPORTED_SPECS:
         raise ValueError(
-            f"--attention-backend SINKS keeps its states in vLLM's CPU tier (CPUOffloadingSpec), not "
-            f"{spec_name!r} (its tiers are not tested with SINKS' store and load policy): remove 'spec_name' "
-            "from --kv-transfer-config's kv_connector_extra_config, or use --kv-offloading-size GiB"
+            f"--attention-backend SINKS keeps its states in vLLM's CPU tier (CPUOffloadingSpec, or "
+            f"TieringOffloadingSpec with a file-system tier behind it), not {spec_name!r} (not tested with "
+            "SINKS' store and load policy): remove 'spec_name' from --kv-transfer-config's "
+            "kv_connector_extra_config, or use --kv-offloading-size GiB"
         )
     if extra.get("block_size") is not None or int(extra.get("blocks_per_chunk", 1)) != 1:
         raise ValueError(
             "SINKS offloads one GPU block per chunk: remove 'block_size' / 'blocks_per_chunk' from "
             "--kv-transfer-config's kv_connector_extra_config"
         )
+    if spec_name == "TieringOffloadingSpec":
+        check_secondary_tiers(extra.get("secondary_tiers", []))
     cpu_bytes = extra.get("cpu_bytes_to_use")
     if cpu_bytes:
+        if spec_name == "TieringOffloadingSpec" and os.path.isdir(SHARED_MEMORY_DIR):
+            fs = os.statvfs(SHARED_MEMORY_DIR)
+            shm = fs.f_bavail * fs.f_frsize
+            if float(cpu_bytes) > shm:
+                raise ValueError(
+                    f"TieringOffloadingSpec keeps its CPU tier in {SHARED_MEMORY_DIR}, which has "
+                    f"{shm / 2**30:.1f} GiB free, less than cpu_bytes_to_use ({float(cpu_bytes) / 2**30:g} "
+                    f"GiB): lower cpu_bytes_to_use to {math.floor(shm / 2**30)} GiB or less, or give "
+                    f"{SHARED_MEMORY_DIR} more room (docker run --shm-size)"
+                )
         import psutil
 
         available = psutil.virtual_memory().available
@@ -92,6 +119,45 @@ def check_offloading(vllm_config: Any) -> None:
                 f"this host has available ({available / 2**30:.1f} GiB): lower --kv-offloading-size to "
                 f"{math.floor(available / 2**30)} GiB or less"
             )
+
+
+def check_secondary_tiers(tiers: Any) -> None:
+    """Each secondary tier is vLLM's file-system tier with a writable `root_dir` (created if missing)."""
+    if not isinstance(tiers, list):
+        raise ValueError("'secondary_tiers' must be a list of tier configurations, e.g. "
+                         '[{"type": "fs", "root_dir": "/var/lib/vllm/kv"}]')  # fmt: skip
+    for tier in tiers:
+        kind = tier.get("type") if isinstance(tier, dict) else None
+        if kind not in SUPPORTED_SECONDARY_TIERS:
+            raise ValueError(
+                f"--attention-backend SINKS serves vLLM's file-system tier behind the CPU tier "
+                f"('type': 'fs'), not {kind!r} (not tested with SINKS' store and load policy): change "
+                "the tier's 'type' to 'fs' or remove it from 'secondary_tiers'"
+            )
+        root = tier.get("root_dir")
+        if not root:
+            raise ValueError("the file-system tier needs a directory: add 'root_dir' to its configuration")
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"the file-system tier's root_dir {root!r} cannot be created ({e}): "
+                             "choose a directory the server can write") from e  # fmt: skip
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"the file-system tier's root_dir {root!r} is not writable by this server: choose a "
+                "directory it can write"
+            )
+    if tiers and not os.environ.get("PYTHONHASHSEED"):
+        logger.warning(
+            "SINKS disk tier: PYTHONHASHSEED is not set, so block hashes are seeded at random and the states "
+            "on disk will not be found after a restart (they still extend the host tier while this server "
+            "runs): set PYTHONHASHSEED to a fixed value for paused chats to survive a restart"
+        )
+
+
+def disk_tiers(manager: Any) -> list[Any]:
+    """The file-system tiers behind a TieringOffloadingManager (none for vLLM's plain CPU manager)."""
+    return [t for t in getattr(manager, "secondary_tiers", ()) if getattr(t, "tier_type", None) == "fs"]
 
 
 class SinkOffloadingScheduler(OffloadingConnectorScheduler):
@@ -126,8 +192,10 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
         )
         # Running requests' resumable positions whose blocks this step allocated again (to store now).
         self._reused_resumable: dict[str, list[tuple[int, int, int]]] = {}
-        # Finished requests whose last stores the next step builds (`request_finished`).
+        # Finished requests whose last stores the next step builds (`request_finished`), and whose end the
+        # manager learns then.
         self._finishing: dict[str, RequestOffloadState] = {}
+        self._manager_finishing: dict[str, Any] = {}
         # Counters for metrics: states' chunks stored, loaded (host -> GPU), and requests that hit the host.
         self.num_stored_chunks = 0
         self.num_loaded_chunks = 0
@@ -173,19 +241,41 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
                 self._reused_resumable.setdefault(req_id, []).append((group_idx, i, block_id))
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
-        """vLLM's, and the request's state kept until the next step has built its last stores.
+        """vLLM's, with two changes of order for the request's last stores.
 
-        vLLM builds a finished request's last store jobs (its end-of-turn window, under SINKS its resumable
-        state) in the next step, from `finished_req_ids`; but when an earlier job of the request completes
-        in the output where it finished (a store flushed in its last step: `_store_reused`), vLLM's
-        update_connector_output deletes the request's state first, and the last window is never stored.
-        upstream: keep a finished request's RequestOffloadState in update_connector_output until
-        _build_store_jobs has processed it."""
-        result = super().request_finished(request)
+        * vLLM tells the manager the request finished here, before the next step builds its last store jobs;
+          vLLM's tiered manager (TieringOffloadingSpec, the disk tier) then drops the request's state and that
+          step's prepare_store raises KeyError, killing the engine (vLLM issue 49635). The manager is told
+          once `_build_store_jobs` has built them.
+          upstream: vLLM PR 49671 (after 0.26) makes this order vLLM's.
+        * vLLM builds a finished request's last store jobs (its end-of-turn window, under SINKS its resumable
+          state) in the next step, from `finished_req_ids`; but when an earlier job of the request completes
+          in the output where it finished (a store flushed in its last step: `_store_reused`), vLLM's
+          update_connector_output deletes the request's state first, and the last window is never stored.
+          The state is kept until `_build_store_jobs` has processed it.
+          upstream: keep a finished request's RequestOffloadState in update_connector_output until
+          _build_store_jobs has processed it."""
         req_status = self._req_status.get(request.request_id)
-        if self.sink_groups and req_status is not None:
+        if req_status is None:
+            return super().request_finished(request)  # untracked: vLLM finalizes it at once
+        # vLLM's body for a tracked request, its call of manager.on_request_finished deferred
+        self._manager_finishing[request.request_id] = req_status.req_context
+        self._maybe_observe_lookup_async_delay(req_status)
+        req_status.update_offload_keys()
+        for job_id in req_status.transfer_jobs:
+            for block_id in self._jobs[job_id].non_sliding_window_block_ids or ():
+                self._block_id_to_pending_jobs.setdefault(block_id, set()).add(job_id)
+        if self.sink_groups:
             self._finishing[request.request_id] = req_status
-        return result
+        return False, None
+
+    def reset_cache(self) -> None:
+        """vLLM's, after telling the manager of the finished requests whose last stores the reset drops."""
+        for req_context in self._manager_finishing.values():
+            self.manager.on_request_finished(req_context)
+        self._manager_finishing.clear()
+        self._finishing.clear()
+        return super().reset_cache()
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         super().update_connector_output(connector_output)
@@ -257,6 +347,9 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
         jobs = super()._build_store_jobs(scheduler_output)
         for req_id in scheduler_output.finished_req_ids or ():
             self._finishing.pop(req_id, None)  # its last stores are built (or it had none left)
+            req_context = self._manager_finishing.pop(req_id, None)
+            if req_context is not None:
+                self.manager.on_request_finished(req_context)
         for req_id, reused in self._reused_resumable.items():
             jobs.update(self._store_reused(req_id, reused))
         self._reused_resumable.clear()
@@ -474,8 +567,10 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
 
     # -- capacity and metrics -------------------------------------------------------------------------------
     def host_chunks(self) -> int:
-        """Chunks the host store holds (vLLM's CPU manager; 0 where its size is not known)."""
-        return int(getattr(self.manager, "_num_blocks", 0))
+        """Chunks the host store holds (vLLM's CPU manager, or the CPU tier of its tiered manager; 0 where
+        its size is not known)."""
+        cpu = getattr(self.manager, "primary_tier", self.manager)
+        return int(getattr(cpu, "_num_blocks", 0))
 
     def state_chunks(self) -> int:
         """Host chunks of one paused chat's resumable state: its sinks, a window, and the chunk by which the
@@ -484,10 +579,18 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
 
     def describe(self) -> str:
         state = self.state_chunks()
-        return (
+        line = (
             f"host tier: {self.host_chunks()} chunks of one block, {state} per paused chat's state "
             f"(sinks + window): ~{self.host_chunks() // max(state, 1)} paused chats"
         )
+        for tier in disk_tiers(self.manager):
+            restart = "yes" if os.environ.get("PYTHONHASHSEED") else "no (PYTHONHASHSEED is not set)"
+            line += (
+                f"; disk tier: {tier.file_mapper.base_path}_r*, every stored chunk written there too, no "
+                f"limit on its size (vLLM's file-system tier evicts nothing); states survive a restart: "
+                f"{restart}"
+            )
+        return line
 
     def stats(self) -> dict[str, float]:
         return {
@@ -498,6 +601,14 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
             "offload_loaded_chunks": float(self.num_loaded_chunks),
             "offload_host_hits": float(self.num_host_hits),
         }
+
+    def shutdown(self) -> None:
+        """vLLM's, after the disk tiers have written what they were given: vLLM's file-system tier drops its
+        queued writes at shutdown, and the states of the last chats to pause would not survive a restart.
+        upstream: drain (or make draining an option of) FileSystemTierManager.shutdown."""
+        for tier in disk_tiers(self.manager):
+            tier.drain_jobs()
+        super().shutdown()
 
 
 def sink_offloading_scheduler(scheduler: Any) -> SinkOffloadingScheduler | None:

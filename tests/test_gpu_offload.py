@@ -42,12 +42,12 @@ def _engine(path: str, offload: bool, disk: str | None = None):
         # 0.4 GiB over 2 layers: 0.2 GiB a host tensor, which torch's pinned allocator would round to 0.25
         kw |= dict(num_gpu_blocks_override=96, kv_offloading_size=0.4, kv_offloading_backend="native")
     if disk is not None:
-        # vLLM's CPU tier (64 MiB, in /dev/shm) with its file-system tier behind it (kv.offload: disk)
+        # vLLM's CPU tier (32 MiB, in /dev/shm) with its file-system tier behind it (kv.offload: disk)
         from vllm.config import KVTransferConfig
 
         tiers = {
             "spec_name": "TieringOffloadingSpec",
-            "cpu_bytes_to_use": 2**26,
+            "cpu_bytes_to_use": 2**25,
             "secondary_tiers": [{"type": "fs", "root_dir": disk}],
         }
         connector = KVTransferConfig(

@@ -142,6 +142,7 @@ def test_host_lru_evicts_least_recent_states_first(tiny):
     for rid, prompt in first.items():
         h.add(rid, prompt, 4)
         h.run()
+    assert h.policy.num_evicted_chunks == 3 * (SINK_CHUNKS + WINDOW_CHUNKS + 1)  # c0-c2's states, whole
     assert h.scheduler.kv_cache_manager.reset_prefix_cache()  # the GPU pool forgets every state
     host_hits = []
     for rid in ("c5", "c4", "c3", "c2", "c1", "c0"):  # most recent first: a hit touches, a miss stores
@@ -431,6 +432,9 @@ def test_metrics_count_offloaded_states(tiny):
     assert stats["offload_paused_chats_capacity"] == 400 // 6
     assert stats["offload_stored_chunks"] == h.policy.num_stored_chunks > 0
     assert stats["offload_loaded_chunks"] > 0 and stats["offload_host_hits"] >= 6
+    assert stats["offload_evicted_chunks"] == h.policy.num_evicted_chunks == 0  # 10 states fit in 400 chunks
+    chunk_bytes = h.kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes * 2  # 2 layers
+    assert stats["offload_host_bytes"] == 400 * chunk_bytes
 
 
 def test_random_traffic_reads_only_its_own_kv(tiny):

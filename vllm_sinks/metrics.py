@@ -26,6 +26,8 @@ With --kv-offloading-size (vLLM's native KV offloading, kv/offload.py):
   vllm_sinks:offload_stored_chunks_total    chunks stored to the host (resumable states only)
   vllm_sinks:offload_loaded_chunks_total    chunks loaded back from the host
   vllm_sinks:offload_host_hits_total        requests that resumed from the host tier
+  vllm_sinks:offload_evicted_chunks_total   chunks the host tier evicted (least recently used) for a store
+  vllm_sinks:offload_host_bytes             bytes of the host tier
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ class SinksStatLogger(AggregateStatLoggerBase):
         "offload_host_chunks": "Chunks (one KV block each) the host offloading tier holds",
         "offload_state_chunks": "Host chunks of one paused chat's resumable state (sinks + window)",
         "offload_paused_chats_capacity": "Paused chats' resumable states the host offloading tier holds",
+        "offload_host_bytes": "Bytes of the host offloading tier (its chunks x bytes per chunk)",
     }
     _COUNTERS = {
         "window_freed_blocks": "KV blocks returned to the pool because they left the attention window",
@@ -159,6 +162,7 @@ class SinksStatLogger(AggregateStatLoggerBase):
         "offload_stored_chunks": "Chunks stored to the host offloading tier (resumable states only)",
         "offload_loaded_chunks": "Chunks loaded back from the host offloading tier",
         "offload_host_hits": "Requests that resumed from the host offloading tier",
+        "offload_evicted_chunks": "Chunks the host offloading tier evicted (least recently used) for a store",
     }
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:

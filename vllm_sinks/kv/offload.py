@@ -196,10 +196,22 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
         # manager learns then.
         self._finishing: dict[str, RequestOffloadState] = {}
         self._manager_finishing: dict[str, Any] = {}
-        # Counters for metrics: states' chunks stored, loaded (host -> GPU), and requests that hit the host.
+        # Counters for metrics: states' chunks stored, loaded (host -> GPU), evicted from the host tier (its
+        # LRU making room for a store), and requests that hit the host.
         self.num_stored_chunks = 0
         self.num_loaded_chunks = 0
+        self.num_evicted_chunks = 0
         self.num_host_hits = 0
+        self.chunk_bytes = int(getattr(spec, "kv_bytes_per_chunk", 0))
+        prepare_store = self.manager.prepare_store
+
+        def counted_prepare_store(keys: Any, req_context: Any) -> Any:
+            output = prepare_store(keys, req_context)
+            if output is not None:
+                self.num_evicted_chunks += len(output.evicted_keys)
+            return output
+
+        self.manager.prepare_store = counted_prepare_store  # this scheduler's manager only
 
     # -- what is stored ------------------------------------------------------------------------------------
     def _update_req_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -600,6 +612,8 @@ class SinkOffloadingScheduler(OffloadingConnectorScheduler):
             "offload_stored_chunks": float(self.num_stored_chunks),
             "offload_loaded_chunks": float(self.num_loaded_chunks),
             "offload_host_hits": float(self.num_host_hits),
+            "offload_evicted_chunks": float(self.num_evicted_chunks),
+            "offload_host_bytes": float(self.host_chunks() * self.chunk_bytes),
         }
 
     def shutdown(self) -> None:

@@ -3,7 +3,9 @@ window, kv.offload) to host memory and back. 24 chats take a turn of 1,500 token
 (about 15 states), then all come back with their history plus 40 tokens: the chats whose state left the GPU
 resume from the host, computing only what follows, with the outputs of an engine that kept every state on
 the GPU and of the float32 reference (tests/reference.py); with the sink chunks stored from the wrong block
-they do not. The scheduler side is tested on the CPU (tests/test_offload.py)."""
+they do not. Then the disk tier: the same turn 1 on an engine with vLLM's file-system tier behind its host
+tier, a restart, and turn 2 of every chat from disk. The scheduler side is tested on the CPU
+(tests/test_offload.py)."""
 
 from __future__ import annotations
 

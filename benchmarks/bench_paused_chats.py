@@ -13,6 +13,8 @@ it needs the W tokens before the prompt's end, some of which left the window whi
     python benchmarks/bench_paused_chats.py --chats 32,64 --history 65536 --out ...       # H100, 8B shape
     python benchmarks/bench_paused_chats.py --shape tiny --chats 32 --history 4096 --window-tokens 252 \
         --num-gpu-blocks 3000                                                               # CPU
+With --kv-offloading-size GiB the states beyond the pool go to host memory (vLLM's KV offloading); with
+--disk-tier DIR also to disk, and --restart serves turn 2 on a new engine (states from disk only).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def parse(argv=None):
     p.add_argument(
         "--kv-offloading-size", type=float, default=None, help="GiB of host memory for vLLM's KV offloading"
     )
+    p.add_argument(
+        "--disk-tier",
+        default=None,
+        help="with --kv-offloading-size: vLLM's file-system tier in this directory behind the host tier "
+        "(TieringOffloadingSpec; the host tier then lives in /dev/shm)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="shut the engine down after turn 1 and serve turn 2 on a new one (its GPU pool and host tier "
+        "empty; with --disk-tier the same disk and PYTHONHASHSEED; without, the baseline of a restart)",
+    )
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-regenerate", action="store_true", help="skip the regenerate between the turns")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90)
@@ -76,7 +90,18 @@ def build_llm(a):
         kw["max_num_batched_tokens"] = a.max_num_batched_tokens or 16384
     if a.num_gpu_blocks:
         kw["num_gpu_blocks_override"] = a.num_gpu_blocks
-    if a.kv_offloading_size:
+    if a.kv_offloading_size and a.disk_tier:
+        from vllm.config import KVTransferConfig
+
+        tiers = {
+            "spec_name": "TieringOffloadingSpec",
+            "cpu_bytes_to_use": int(a.kv_offloading_size * 2**30),
+            "secondary_tiers": [{"type": "fs", "root_dir": a.disk_tier}],
+        }
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="OffloadingConnector", kv_role="kv_both", kv_connector_extra_config=tiers
+        )
+    elif a.kv_offloading_size:
         kw.update(kv_offloading_size=a.kv_offloading_size, kv_offloading_backend="native")
     if a.enforce_eager:
         kw["enforce_eager"] = True
@@ -210,8 +235,24 @@ def resumed(cached: int, reusable: int, block_size: int) -> bool:
     return cached >= (reusable // block_size) * block_size - block_size
 
 
+def restart_engine(llm, a):
+    """--restart: the engine shut down (its disk tier drained), and a new one built; returns it with its
+    trackers. Turn 2's "resumed" then counts chats whose state came back from disk."""
+    import gc
+
+    from vllm_sinks.kv.introspection import scheduler_of
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    llm, _ = build_llm(a)
+    scheduler = scheduler_of(llm)
+    return llm, StateTracker(scheduler), StepRecorder(scheduler)
+
+
 def run_case(llm, tracker, steps, a, chats: int, seed: int) -> dict:
-    """One case: `chats` chats take turn 1, a regenerate, then turn 2 (see module docstring)."""
+    """One case: `chats` chats take turn 1, a regenerate, then turn 2 (see module docstring); with --restart
+    the engine is replaced between the regenerate and turn 2 (the result's `engine`: turn 2's)."""
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     rng = random.Random(seed)
     vocab = 380 if a.shape == "tiny" else 120_000
@@ -231,6 +272,12 @@ def run_case(llm, tracker, steps, a, chats: int, seed: int) -> dict:
         p + list(o.outputs[0].token_ids) + [rng.randrange(3, vocab) for _ in range(a.new_tokens)]
         for p, o in zip(prompts1, outs1, strict=True)
     ]
+    restart_s = None
+    if a.restart:
+        t0 = time.perf_counter()
+        llm, tracker, steps = restart_engine(llm, a)
+        restart_s = round(time.perf_counter() - t0, 2)
+        preempt0 = 0
     preempt_before = tracker.preemptions
     steps.start()
     outs2, wall2 = run_turn(llm, prompts2, a.gen, "turn2")
@@ -248,6 +295,7 @@ def run_case(llm, tracker, steps, a, chats: int, seed: int) -> dict:
         "states_whole_after_turn1": whole_after_turn1,
         "regenerate_s": None if wall_r is None else round(wall_r, 2),
         "regenerate_resumed": resumed_r,
+        **({"restart_s": restart_s, "engine": llm} if a.restart else {}),
         "turn2_s": round(wall2, 2),
         "turn2_resumed": resumed2,
         "turn2_prompt_tokens": sum(len(p) for p in prompts2),
@@ -277,7 +325,7 @@ def offload_figures(scheduler, a) -> dict:
         return {}
     from vllm_sinks.kv.offload import sink_offloading_scheduler
 
-    out: dict = {"kv_offloading_size_gib": a.kv_offloading_size}
+    out: dict = {"kv_offloading_size_gib": a.kv_offloading_size, "disk_tier": bool(a.disk_tier)}
     policy = sink_offloading_scheduler(scheduler)
     if policy is None:
         return out
@@ -304,10 +352,16 @@ def main(argv=None) -> dict:
     tracker = StateTracker(scheduler)
     steps = StepRecorder(scheduler)
     cases = []
+    if a.disk_tier and not os.environ.get("PYTHONHASHSEED"):
+        os.environ["PYTHONHASHSEED"] = "0"  # the block hashes (the disk tier's file names) survive a restart
     for i, chats in enumerate(int(x) for x in str(a.chats).split(",")):
         if i:
             assert llm.reset_prefix_cache(), "the previous case left blocks held"
         cases.append(run_case(llm, tracker, steps, a, chats, a.seed + i))
+        if a.restart:  # later cases and the figures below read the engine that served turn 2
+            llm = cases[-1].pop("engine")
+            scheduler = scheduler_of(llm)
+            tracker, steps = StateTracker(scheduler), StepRecorder(scheduler)
         print(json.dumps(cases[-1]), flush=True)
     result = {
         "benchmark": "paused_chats",

@@ -65,3 +65,21 @@ def test_stated_capacity_is_what_the_scheduler_admits(tmp_path):
     assert r["max_decoding_at_once"] == stated["max_concurrent_streams_cold"]
     assert r["max_prefilling_at_once"] == stated["max_concurrent_prefills"] == 2
     assert r["preemptions"] == 0
+
+
+def test_paused_chats_restart_without_a_disk_tier_resumes_none(tmp_path):
+    """bench_paused_chats --restart (the baseline for the disk tier, which runs on a GPU): turn 2 on a new
+    engine finds no state, so every chat re-prefills; the new engine's own figures are reported."""
+    import bench_paused_chats
+
+    try:
+        r = bench_paused_chats.main(
+            ["--shape", "tiny", "--chats", "4", "--history", "600", "--window-tokens", "60", "--gen", "8",
+             "--new-tokens", "24", "--no-regenerate", "--restart", "--enforce-eager",
+             "--num-gpu-blocks", "400", "--max-num-batched-tokens", "512", "--model-root", str(tmp_path)]
+        )  # fmt: skip
+    finally:
+        _teardown()
+    assert r["restart_s"] > 0 and r["turn2_resumed"] == 0
+    assert r["turn2_cached_tokens"] == 0 and r["turn2_computed_tokens"] == r["turn2_prompt_tokens"]
+    assert r["turn2_steps"]["steps"] > 0

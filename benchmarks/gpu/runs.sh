@@ -36,6 +36,11 @@
 #                  CONFIG: sinks_offload, sinks_no_offload, sliding_offload (one engine after another);
 #                  POOL_BLOCKS=N sets their pool instead (another GPU: 27,808 blocks is the H100's at 0.9);
 #                  sinks_all_gpu: SINKS with the default pool (an H200's holds 640 states at W = 1020)
+#   offload_restart CHATS GIB  paused chats across a server restart (W = 1020, CHATS x 8,192 tokens, eager): turn 1,
+#                  the engine shut down, turn 2 on a new one; SINKS with GIB of host tier and vLLM's file-system
+#                  tier in DISK (default /tmp/vllm_sinks_disk_tier, emptied first and after; ~138 MiB per
+#                  chat for the 8B shape), PYTHONHASHSEED=0; then SINKS without a disk tier (a restart's
+#                  baseline: every history re-prefilled)
 #   stress [STEPS] the GPU stress test (tests/test_gpu_stress.py: 8B shape, model runner V2, STEPS per row mode)
 #   capacity       100 chats x 65,536-token uncached prompts arriving together
 #   prefill_batch  prefill of 64 chats x 16,384 tokens with SINKS' chunk (8,192) and the whole budget (16,384)
@@ -195,6 +200,19 @@ PY
         > "$OUT/scale_$name.log" 2>&1
       echo "$name: $(grep -E '^\{"chats"|Error' "$OUT/scale_$name.log" | tail -1)"
     done
+    ;;
+  offload_restart)
+    chats=$3 gib=$4 disk=${DISK:-/tmp/vllm_sinks_disk_tier}
+    rm -rf "$disk"
+    common=(--chats "$chats" --history 8192 --window-tokens 1020 --no-regenerate --enforce-eager --restart)
+    for run in "sinks_disk --kv-offloading-size $gib --disk-tier $disk" "sinks_no_disk"; do
+      set -- $run
+      name=$1; shift
+      PYTHONHASHSEED=0 python3 benchmarks/bench_paused_chats.py "${common[@]}" "$@" --out "$OUT/restart_$name.json" \
+        > "$OUT/restart_$name.log" 2>&1
+      echo "$name: $(grep -E '^\{"chats"|Error' "$OUT/restart_$name.log" | tail -1)"
+    done
+    du -sh "$disk"; rm -rf "$disk"
     ;;
   stress)
     STRESS_STEPS=${3:-600} python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_stress.py 2>&1 \

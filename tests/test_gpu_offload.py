@@ -108,7 +108,12 @@ def _first_logprob(out) -> tuple[int, float]:
 
 
 @pytest.fixture(scope="module")
-def runs(model_dir, tmp_path_factory):
+def model_path(model_dir) -> str:
+    return model_dir("hd128-kv2", head_dim=128, num_kv_heads=2, num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def runs(model_path, tmp_path_factory):
     """The same conversation on an engine that keeps every state on the GPU, on one that offloads, and on one
     that offloads with each sink chunk stored from the wrong block. In-process engines: the tests read the
     scheduler and wrap kv.offload's policy."""
@@ -128,7 +133,7 @@ def runs(model_dir, tmp_path_factory):
 
     mp.setattr(host_tier, "register", record_register)
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    path = model_dir("hd128-kv2", head_dim=128, num_kv_heads=2, num_heads=4)
+    path = model_path
     host_hits: list[str] = []
     original_alloc = SinkOffloadingScheduler.update_state_after_alloc
 
@@ -262,7 +267,7 @@ def test_corrupted_sinks_on_the_host_change_the_outputs(runs):
 
 
 @pytest.fixture(scope="module")
-def restart(runs, tmp_path_factory):
+def restart(model_path, tmp_path_factory):
     """Paused chats that survive a restart (kv.offload: disk): turn 1 of every chat on an engine with vLLM's
     file-system tier behind its CPU tier, the engine idle then shut down; turn 2 of every chat on a new engine
     (an empty GPU pool and CPU tier, the same disk and PYTHONHASHSEED)."""
@@ -270,7 +275,7 @@ def restart(runs, tmp_path_factory):
 
     from vllm_sinks.kv.offload import SinkOffloadingScheduler
 
-    path, _ = runs
+    path = model_path
     root = str(tmp_path_factory.mktemp("disk_tier"))
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -331,10 +336,10 @@ def test_disk_resumed_chats_equal_the_all_in_gpu_engine(runs, restart):
     assert worst < TIE and equal >= 0.9 * len(same) * REPLY
 
 
-def test_disk_resumed_chats_equal_the_float32_reference(runs, restart):
+def test_disk_resumed_chats_equal_the_float32_reference(model_path, restart):
     from reference import StreamingLlama
 
-    path, _ = runs
+    path = model_path
     prompts, outs = restart["prompts"], restart["outputs"]
     ref = StreamingLlama(path, S, W)
     checked = agree = 0

@@ -596,8 +596,11 @@ def test_a_corrupted_state_file_fails_the_check(tiny, tmp_path, monkeypatch):
         f.write(other)
     h2 = _disk_harness(tiny, str(tmp_path))
     h2.add("c0-t2", prompt, 8)
-    with pytest.raises(AssertionError, match="c0-t2: block 0 of its row"):
-        h2.run()
+    try:
+        with pytest.raises(AssertionError, match="c0-t2: block 0 of its row"):
+            h2.run()
+    finally:
+        h2.shutdown()  # its CPU tier's /dev/shm region
 
 
 def _offload_key(block_hash, group: int = 0):

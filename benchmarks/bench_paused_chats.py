@@ -235,24 +235,39 @@ def resumed(cached: int, reusable: int, block_size: int) -> bool:
     return cached >= (reusable // block_size) * block_size - block_size
 
 
-def restart_engine(llm, a):
-    """--restart: the engine shut down (its disk tier drained), and a new one built; returns it with its
-    trackers. Turn 2's "resumed" then counts chats whose state came back from disk."""
-    import gc
+class Engine:
+    """The benchmark's in-process engine and its trackers. `restart` (--restart) shuts the engine down (its
+    disk tier drained) and drops every reference to it before building the next, so that the new engine
+    finds the GPU memory free."""
 
-    from vllm_sinks.kv.introspection import scheduler_of
+    def __init__(self, a) -> None:
+        self.a = a
+        self.start()
 
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    llm, _ = build_llm(a)
-    scheduler = scheduler_of(llm)
-    return llm, StateTracker(scheduler), StepRecorder(scheduler)
+    def start(self) -> None:
+        from vllm_sinks.kv.introspection import scheduler_of
+
+        self.llm, self.kw = build_llm(self.a)
+        self.scheduler = scheduler_of(self.llm)
+        self.tracker, self.steps = StateTracker(self.scheduler), StepRecorder(self.scheduler)
+
+    def restart(self) -> None:
+        import gc
+
+        import torch
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = self.scheduler = self.tracker = self.steps = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.start()
 
 
-def run_case(llm, tracker, steps, a, chats: int, seed: int) -> dict:
+def run_case(eng: Engine, a, chats: int, seed: int) -> dict:
     """One case: `chats` chats take turn 1, a regenerate, then turn 2 (see module docstring); with --restart
-    the engine is replaced between the regenerate and turn 2 (the result's `engine`: turn 2's)."""
+    the engine is replaced between the regenerate and turn 2 (turn 2's figures are the new engine's)."""
+    llm, tracker = eng.llm, eng.tracker
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     rng = random.Random(seed)
     vocab = 380 if a.shape == "tiny" else 120_000
@@ -272,22 +287,24 @@ def run_case(llm, tracker, steps, a, chats: int, seed: int) -> dict:
         p + list(o.outputs[0].token_ids) + [rng.randrange(3, vocab) for _ in range(a.new_tokens)]
         for p, o in zip(prompts1, outs1, strict=True)
     ]
+    state_blocks = [len(v) for k, v in tracker.states.items() if k.rsplit("-", 1)[0] in set(ids1)]
     restart_s = None
     if a.restart:
         t0 = time.perf_counter()
-        llm, tracker, steps = restart_engine(llm, a)
+        preempt0 -= tracker.preemptions  # turn 1's preemptions, carried over to the new engine's count
+        llm = tracker = None
+        eng.restart()
+        llm, tracker = eng.llm, eng.tracker
         restart_s = round(time.perf_counter() - t0, 2)
-        preempt0 = 0
     preempt_before = tracker.preemptions
-    steps.start()
+    eng.steps.start()
     outs2, wall2 = run_turn(llm, prompts2, a.gen, "turn2")
-    turn2_steps = steps.stop(time.perf_counter())
+    turn2_steps = eng.steps.stop(time.perf_counter())
     preempt_turn2 = tracker.preemptions - preempt_before
     reusable2 = [len(p) + len(o.outputs[0].token_ids) for p, o in zip(prompts1, outs1, strict=True)]
     cached2 = [o.num_cached_tokens or 0 for o in outs2]
     resumed2 = sum(resumed(c, r, block_size) for c, r in zip(cached2, reusable2, strict=True))
     ids2 = [o.request_id for o in outs2]
-    state_blocks = [len(v) for k, v in tracker.states.items() if k.rsplit("-", 1)[0] in set(ids1)]
     return {
         "chats": chats,
         "blocks_held_at_finish_per_chat": max(state_blocks, default=0),
@@ -295,7 +312,7 @@ def run_case(llm, tracker, steps, a, chats: int, seed: int) -> dict:
         "states_whole_after_turn1": whole_after_turn1,
         "regenerate_s": None if wall_r is None else round(wall_r, 2),
         "regenerate_resumed": resumed_r,
-        **({"restart_s": restart_s, "engine": llm} if a.restart else {}),
+        **({"restart_s": restart_s} if a.restart else {}),
         "turn2_s": round(wall2, 2),
         "turn2_resumed": resumed2,
         "turn2_prompt_tokens": sum(len(p) for p in prompts2),
@@ -345,24 +362,16 @@ def main(argv=None) -> dict:
     a = parse(argv)
     from run_record import emit, provenance
 
-    from vllm_sinks.kv.introspection import scheduler_of
-
-    llm, kw = build_llm(a)
-    scheduler = scheduler_of(llm)
-    tracker = StateTracker(scheduler)
-    steps = StepRecorder(scheduler)
-    cases = []
     if a.disk_tier and not os.environ.get("PYTHONHASHSEED"):
         os.environ["PYTHONHASHSEED"] = "0"  # the block hashes (the disk tier's file names) survive a restart
+    eng = Engine(a)
+    cases = []
     for i, chats in enumerate(int(x) for x in str(a.chats).split(",")):
         if i:
-            assert llm.reset_prefix_cache(), "the previous case left blocks held"
-        cases.append(run_case(llm, tracker, steps, a, chats, a.seed + i))
-        if a.restart:  # later cases and the figures below read the engine that served turn 2
-            llm = cases[-1].pop("engine")
-            scheduler = scheduler_of(llm)
-            tracker, steps = StateTracker(scheduler), StepRecorder(scheduler)
+            assert eng.llm.reset_prefix_cache(), "the previous case left blocks held"
+        cases.append(run_case(eng, a, chats, a.seed + i))
         print(json.dumps(cases[-1]), flush=True)
+    llm, scheduler = eng.llm, eng.scheduler  # turn 2's engine (--restart: the last one built)
     result = {
         "benchmark": "paused_chats",
         "mode": a.mode,

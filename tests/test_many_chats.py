@@ -81,5 +81,6 @@ def test_paused_chats_restart_without_a_disk_tier_resumes_none(tmp_path):
     finally:
         _teardown()
     assert r["restart_s"] > 0 and r["turn2_resumed"] == 0
+    assert r["blocks_held_at_finish_per_chat"] > 0  # turn 1's states, recorded before the restart
     assert r["turn2_cached_tokens"] == 0 and r["turn2_computed_tokens"] == r["turn2_prompt_tokens"]
     assert r["turn2_steps"]["steps"] > 0

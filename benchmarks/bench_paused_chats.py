@@ -251,12 +251,19 @@ class Engine:
         self.scheduler = scheduler_of(self.llm)
         self.tracker, self.steps = StateTracker(self.scheduler), StepRecorder(self.scheduler)
 
+    def close(self) -> None:
+        """Shut the engine down: with vLLM's tiered offloading spec this drains its disk tier and removes its
+        CPU tier's /dev/shm region (an in-process engine is not shut down at interpreter exit, so a region
+        left open would stay behind, as large as the tier)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+
     def restart(self) -> None:
         import gc
 
         import torch
 
-        self.llm.llm_engine.engine_core.shutdown()
+        self.close()
         self.llm = self.scheduler = self.tracker = self.steps = None
         gc.collect()
         if torch.cuda.is_available():
@@ -360,11 +367,21 @@ def main(argv=None) -> dict:
     """--chats N: one case; --chats N1,N2,...: one case each in the same engine, the prefix cache reset in
     between (the result's `cases`)."""
     a = parse(argv)
-    from run_record import emit, provenance
+    from run_record import emit
 
     if a.disk_tier and not os.environ.get("PYTHONHASHSEED"):
         os.environ["PYTHONHASHSEED"] = "0"  # the block hashes (the disk tier's file names) survive a restart
     eng = Engine(a)
+    try:
+        result = run_cases(eng, a, argv)
+    finally:
+        eng.close()
+    return emit(result, a.out)
+
+
+def run_cases(eng: Engine, a, argv) -> dict:
+    from run_record import provenance
+
     cases = []
     for i, chats in enumerate(int(x) for x in str(a.chats).split(",")):
         if i:
@@ -372,7 +389,7 @@ def main(argv=None) -> dict:
         cases.append(run_case(eng, a, chats, a.seed + i))
         print(json.dumps(cases[-1]), flush=True)
     llm, scheduler = eng.llm, eng.scheduler  # turn 2's engine (--restart: the last one built)
-    result = {
+    return {
         "benchmark": "paused_chats",
         "mode": a.mode,
         "shape": a.shape,
@@ -388,7 +405,6 @@ def main(argv=None) -> dict:
         **offload_figures(scheduler, a),
         **provenance(__file__, argv),
     }
-    return emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 from offload_harness import OffloadHarness, corrupt_sink_stores
@@ -353,12 +354,38 @@ def test_bad_connector_settings_fail_at_start_up(tiny):
         build(kv_transfer_config=simple)
 
 
+def test_a_full_shared_memory_names_the_tier_files_left_behind(tmp_path, monkeypatch):
+    """An engine killed before its shutdown leaves its CPU tier's /dev/shm file behind (as large as the tier;
+    seen on an H100 host: 24 GiB after an in-process engine that was never shut down). When the tiered spec's
+    tier does not fit, the error names those files, so that the user can tell a full /dev/shm from a small
+    one."""
+    from vllm_sinks.kv import offload
+
+    monkeypatch.setattr(offload, "SHARED_MEMORY_DIR", str(tmp_path))
+    config = SimpleNamespace(kv_transfer_config=SimpleNamespace(
+        kv_connector="OffloadingConnector",
+        kv_connector_extra_config={"spec_name": "TieringOffloadingSpec", "secondary_tiers": [],
+                                   "cpu_bytes_to_use": 2**60},
+    ))  # fmt: skip
+    with pytest.raises(ValueError, match=r"more room \(docker run --shm-size\)$"):
+        offload.check_offloading(config)
+    for name in ("vllm_offload_a.mmap", "vllm_offload_b.mmap"):
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(3 * 2**29)  # sparse: no space used
+    (tmp_path / "other.mmap").write_bytes(b"x")
+    with pytest.raises(
+        ValueError,
+        match=r"2 CPU tier file\(s\) of earlier vLLM engines hold 3.0 GiB of it "
+        r"\(vllm_offload_a.mmap, vllm_offload_b.mmap\).* can be deleted",
+    ):
+        offload.check_offloading(config)
+
+
 def test_offloading_size_larger_than_the_host_has_fails(tiny, monkeypatch):
     """SINKS pins the host tier exactly (kv.host_tier), so a size fits when the host has it available: 96 GiB
     on a host with 100 GiB passes (torch's pinned allocator alone would have pinned 128 GiB for the 8B
     shape's 32 layers and been killed by the kernel, H100 host, 2026-12-07); 101 GiB fails with the largest
     size that fits."""
-    from types import SimpleNamespace
 
     import psutil
     from vllm.engine.arg_utils import EngineArgs

@@ -29,6 +29,7 @@ transfers, the host store (its LRU) and the worker stay vLLM's. One offloaded ch
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from collections.abc import Sequence
@@ -108,7 +109,7 @@ def check_offloading(vllm_config: Any) -> None:
                     f"TieringOffloadingSpec keeps its CPU tier in {SHARED_MEMORY_DIR}, which has "
                     f"{shm / 2**30:.1f} GiB free, less than cpu_bytes_to_use ({float(cpu_bytes) / 2**30:g} "
                     f"GiB): lower cpu_bytes_to_use to {math.floor(shm / 2**30)} GiB or less, or give "
-                    f"{SHARED_MEMORY_DIR} more room (docker run --shm-size)"
+                    f"{SHARED_MEMORY_DIR} more room (docker run --shm-size){leftover_regions_hint()}"
                 )
         import psutil
 
@@ -119,6 +120,22 @@ def check_offloading(vllm_config: Any) -> None:
                 f"this host has available ({available / 2**30:.1f} GiB): lower --kv-offloading-size to "
                 f"{math.floor(available / 2**30)} GiB or less"
             )
+
+
+def leftover_regions_hint() -> str:
+    """What /dev/shm holds of vLLM's CPU tiers (vllm_offload_<engine id>.mmap). An engine removes its own at
+    shutdown; one killed (SIGKILL, the OOM killer) or an in-process engine never shut down leaves it behind,
+    as large as its tier."""
+    regions = sorted(glob.glob(os.path.join(SHARED_MEMORY_DIR, "vllm_offload_*.mmap")))
+    if not regions:
+        return ""
+    size = sum(os.stat(path).st_size for path in regions if os.path.exists(path))
+    return (
+        f"; {len(regions)} CPU tier file(s) of earlier vLLM engines hold {size / 2**30:.1f} GiB of it "
+        f"({', '.join(os.path.basename(p) for p in regions[:3])}{', ...' if len(regions) > 3 else ''}): "
+        "an engine removes its own at shutdown, so if no other vLLM engine runs on this host they were left "
+        "by one that was killed, and can be deleted"
+    )
 
 
 def check_secondary_tiers(tiers: Any) -> None:

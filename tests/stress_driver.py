@@ -2,10 +2,11 @@
 GPU): bursts of arrivals up to and past max_num_seqs (fresh chats, chats resumed from the cache with their
 whole history plus new tokens, regenerates of a finished prompt, live sessions' next turns), aborts of
 waiting, prefilling and decoding requests, and forced preemption (every free block taken away for a few
-steps), driven through an in-process engine core. `Driver.run` checks at every step, inside the scheduler:
-no request holds more real blocks than SinksConfig.max_blocks_per_request; with a V2BlockTableMirror, V2's
-table holds the scheduler's id wherever the scheduler holds a real block. `check_alone` serves finished
-streams alone."""
+steps), driven through an in-process engine core; arrivals pause while 4 x max_num_seqs + 8 requests are in
+flight, so the queue stays bounded and every step schedules a full batch. `Driver.run` checks at every
+step, inside the scheduler: no request holds more real blocks than SinksConfig.max_blocks_per_request; with
+a V2BlockTableMirror, V2's table holds the scheduler's id wherever the scheduler holds a real block.
+`check_alone` serves finished streams alone."""
 
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ class Driver:
         (self.manager,) = sink_managers(llm)
         self.pool = self.manager.block_pool
         self.max_seqs = self.scheduler.scheduler_config.max_num_seqs
+        # Arrivals pause while this many requests are in flight: the traffic outruns the engine (about 0.3
+        # arrivals a step), and an unbounded queue (300-400 requests after 2,000 steps) only lengthened the
+        # final drain (4,500-9,500 steps of no new traffic) without adding a kind of step.
+        self.max_in_flight = 4 * self.max_seqs + 8
         # Live sessions as the HTTP server caps them: a session waiting for input holds a request slot.
         self.max_sessions = SessionLimits.from_env({}, self.max_seqs).max_sessions
         in_flight = request_in_flight_tokens(self.scheduler.vllm_config)
@@ -71,7 +76,8 @@ class Driver:
         self.hog_until = -1
         self.n = 0
         names = ("requests", "finished", "aborted_waiting", "aborted_prefill", "aborted_decode", "preempted",
-                 "resumed_chats", "regenerates", "session_turns", "sparse_rows")  # fmt: skip
+                 "resumed_chats", "regenerates", "session_turns", "sparse_rows", "max_in_flight",
+                 "drain_steps")  # fmt: skip
         self.stats = dict.fromkeys(names, 0)
         self.fallbacks = 0
         self._wrap_scheduler()
@@ -227,6 +233,7 @@ class Driver:
             if not self.live:
                 return
             self._collect(self.client.get_output().outputs)
+            self.stats["drain_steps"] += 1
 
     def returning_burst(self, n: int) -> None:
         """n fresh chats of 300-600 tokens run to their end, then all n come back at once, each with its whole
@@ -252,7 +259,9 @@ class Driver:
         try:
             self.returning_burst(self.max_seqs)
             for step in range(steps):
-                if rng.random() < 0.06:  # a burst: up to 1.5 x max_num_seqs arrivals at once
+                if len(self.live) >= self.max_in_flight:
+                    pass  # the queue is full: no arrivals this step
+                elif rng.random() < 0.06:  # a burst: up to 1.5 x max_num_seqs arrivals at once
                     returning = rng.random() < 0.5
                     for _ in range(rng.randrange(1, max(2, 3 * self.max_seqs // 2 + 1))):
                         self._arrival(returning)
@@ -262,6 +271,7 @@ class Driver:
                     self._abort()
                 self._pressure(step)
                 self._collect(self.client.get_output().outputs)
+                self.stats["max_in_flight"] = max(self.stats["max_in_flight"], len(self.live))
             self.pool.free_blocks(self.hogged)
             self.hogged = []
             self._drain()  # every request runs to its end

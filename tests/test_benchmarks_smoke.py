@@ -21,8 +21,10 @@ IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 def test_bench_decode_smoke(tmp_path, monkeypatch):
     import bench_decode
+    from vllm import envs
 
     monkeypatch.setenv(IN_PROCESS, "0")
+    envs.disable_envs_cache()  # an earlier in-process engine core froze vLLM's env reads
 
     out = tmp_path / "decode.json"
     res = bench_decode.main(

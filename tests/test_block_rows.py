@@ -6,7 +6,7 @@
 * sparse_row builds one only from [head][one run of the null block][tail] lists of a real BlockPool;
 * in an engine, a resent stream's cache hit (sinks + nulls + window) reaches the worker as one: see
   test_block_policy.test_cache_hit_reaches_the_worker_as_a_sparse_row; replies equal with and without it:
-  test_prefix_cache (caching on vs off).
+  tests/test_server.py (prefix caching on vs off).
 The model runner V2 writer (stage_into_block_tables) runs here over V2's BlockTables on CPU tensors
 (test_v2_staging_holds_two_writes_per_sparse_row) and on CUDA in tests/test_gpu_sessions.py (passed on an
 H200, 2026-12-05). Rows are sparse by default under both runners; VLLM_SINKS_BLOCK_ROWS=lists keeps vLLM's.

@@ -36,6 +36,11 @@
 #                  CONFIG: sinks_offload, sinks_no_offload, sliding_offload (one engine after another);
 #                  POOL_BLOCKS=N sets their pool instead (another GPU: 27,808 blocks is the H100's at 0.9);
 #                  sinks_all_gpu: SINKS with the default pool (an H200's holds 640 states at W = 1020)
+#   offload_serving DURATION CONFIG...  serving (OpenAI server) with more growing chats than the GPU holds
+#                  states for: 192 chats growing from ~1k to 16,384 tokens by 280-1,100 words a turn, W = 1020,
+#                  the pool cut to 4,224 blocks (64 states: 1/3 of the chats), 20% of replies dropped, DURATION s
+#                  per CONFIG (150 on an H100): sinks_offload (SINKS + 32 GiB of host tier), sinks (SINKS alone),
+#                  sliding_offload (stock sliding window 1024 + the same 32 GiB); one server after another
 #   offload_restart CHATS GIB  paused chats across a server restart (W = 1020, CHATS x 8,192 tokens, eager): turn 1,
 #                  the engine shut down, turn 2 on a new one; SINKS with GIB of host tier and vLLM's file-system
 #                  tier in DISK (default /tmp/vllm_sinks_disk_tier, emptied first and after; ~138 MiB per
@@ -199,6 +204,25 @@ PY
       python3 benchmarks/bench_paused_chats.py "${common[@]}" "${args[@]}" --out "$OUT/scale_$name.json" \
         > "$OUT/scale_$name.log" 2>&1
       echo "$name: $(grep -E '^\{"chats"|Error' "$OUT/scale_$name.log" | tail -1)"
+    done
+    ;;
+  offload_serving)
+    dur=$3
+    shift 3
+    offload="--kv-offloading-size 32 --kv-offloading-backend native"
+    for name in "$@"; do
+      case $name in
+        sinks_offload) mode=sinks extra=$offload ;;
+        sinks) mode=sinks extra= ;;
+        sliding_offload) mode=sliding extra=$offload ;;
+        *) echo "offload_serving: unknown configuration $name"; exit 2 ;;
+      esac
+      WINDOW=1020 TAG=offload_$name SERVER_ARGS="--num-gpu-blocks-override 4224 $extra" \
+        BENCH_ARGS="--user-words 280:1100 --until-prompt-tokens 16384 --max-tokens 64 --window-s 20 --sample-s 5" \
+        bash benchmarks/gpu/serve_load.sh $mode "$OUT" "$dur" 192 2>&1 | tail -4
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], {k: d[k] for k in \
+        ('turns_completed','ttft_ms','prompt_tokens','history_cached','chats_past_until_prompt_tokens','preemptions')})" \
+        "$OUT/serve_offload_$name.json"
     done
     ;;
   offload_restart)

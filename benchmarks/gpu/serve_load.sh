@@ -4,7 +4,7 @@
 # 4096-token sliding window (sliding), then benchmarks/bench_serve.py: CHATS concurrent multi-turn streaming
 # chats for DURATION seconds, 20% dropped mid-stream. Run once per mode, same host.
 #   bash benchmarks/gpu/serve_load.sh sinks|dense|sliding OUTDIR [DURATION_S=240] [CHATS=256]
-# Writes OUTDIR/serve_MODE.json (bench_serve.py's result) and OUTDIR/server_MODE.log.
+# Writes OUTDIR/serve_TAG.json (bench_serve.py's result) and OUTDIR/server_TAG.log (TAG: $TAG, default MODE).
 # Environment: SHAPE (benchmarks/model_shapes.py), WINDOW, DTYPE, GPU_UTIL, BENCH_ARGS (more bench_serve.py
 # options, e.g. growing chats: BENCH_ARGS="--user-words 280:1100 --until-prompt-tokens 32768 --max-tokens 64"),
 # SERVER_ARGS (more vllm serve options), CLIENT=sessions (bench_sessions_http.py instead: CHATS live sessions
@@ -15,6 +15,7 @@ MODE=$1
 OUTDIR=$2
 DURATION=${3:-240}
 CHATS=${4:-256}
+TAG=${TAG:-$MODE}
 VLLM=${VLLM:-python3 -m vllm.entrypoints.cli.main}  # works where the `vllm` script is not on PATH
 SW=None
 [ "$MODE" = sliding ] && SW=$(( ${WINDOW:-4092} + 4 ))
@@ -35,7 +36,7 @@ fi
 t0=$(date +%s)
 # shellcheck disable=SC2086
 $VLLM serve "$MODEL" --load-format dummy --dtype "${DTYPE:-bfloat16}" --gpu-memory-utilization "${GPU_UTIL:-0.90}" --max-num-seqs "$SEQS" \
-  --port 8000 --enable-prompt-tokens-details "${BACKEND[@]}" ${SERVER_ARGS:-} >"$OUTDIR/server_$MODE.log" 2>&1 &
+  --port 8000 --enable-prompt-tokens-details "${BACKEND[@]}" ${SERVER_ARGS:-} >"$OUTDIR/server_$TAG.log" 2>&1 &
 PID=$!
 ready=0
 for _ in $(seq 1 400); do
@@ -46,7 +47,7 @@ for _ in $(seq 1 400); do
   sleep 1
 done
 if [ $ready != 1 ]; then
-  echo "server ($MODE) did not come up"; tail -40 "$OUTDIR/server_$MODE.log"; kill $PID 2>/dev/null; exit 1
+  echo "server ($MODE) did not come up"; tail -40 "$OUTDIR/server_$TAG.log"; kill $PID 2>/dev/null; exit 1
 fi
 echo "server ($MODE) ready after $(( $(date +%s) - t0 )) s"
 if [ "${CLIENT:-serve}" = sessions ]; then
@@ -57,10 +58,10 @@ else
   # shellcheck disable=SC2086
   python3 benchmarks/bench_serve.py --base-url http://127.0.0.1:8000 --model "$MODEL" --chats "$CHATS" \
     --duration "$DURATION" --disconnect-rate 0.2 --allowed-token-ids 3:380 --server-pid $PID \
-    --out "$OUTDIR/serve_$MODE.json" ${BENCH_ARGS:-}
+    --out "$OUTDIR/serve_$TAG.json" ${BENCH_ARGS:-}
 fi
 rc=$?
 kill -INT $PID
 wait $PID
-grep -E "SINKS (attention backend|KV pool)|Maximum concurrency|GPU KV cache size" "$OUTDIR/server_$MODE.log" | head -5
+grep -E "SINKS (attention backend|KV pool)|Maximum concurrency|GPU KV cache size" "$OUTDIR/server_$TAG.log" | head -5
 exit $rc

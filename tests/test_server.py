@@ -118,7 +118,7 @@ def test_endless_chat_example_computes_only_new_tokens_per_turn(server):
     import endless_chat
 
     base, path, _, _ = server
-    rows = endless_chat.main(["--base-url", base + "/v1", "--model", path, "--turns", "12"])
+    rows = endless_chat.main(["--base-url", base + "/v1", "--model", path, "--turns", "14"])
     assert rows[-1]["prompt_tokens"] > 5 * 64
     # From the second turn on, the server computes the new text only (plus at most a partial block or two
     # where re-tokenized history differs from the generated tokens), however long the conversation.
@@ -126,8 +126,10 @@ def test_endless_chat_example_computes_only_new_tokens_per_turn(server):
     assert max(computed) < 0.5 * rows[-1]["prompt_tokens"], rows
     # The server's KV blocks for the conversation (from /metrics, mid-reply, decode only): one sink block and
     # the blocks of the 60-token window, a handful, while the conversation grows past 80 blocks: flat.
+    # A reply the random model ends at once (EOS, temperature 0.7) has no sample; one such turn is allowed.
     blocks = [r["server_kv_blocks"] for r in rows]
-    assert all(b is not None and 0 < b <= 8 for b in blocks), blocks
+    sampled = [b for b in blocks if b is not None]
+    assert len(sampled) >= len(rows) - 1 and all(0 < b <= 8 for b in sampled), blocks
     assert rows[-1]["prompt_tokens"] // 16 > 80
 
 

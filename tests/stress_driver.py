@@ -56,7 +56,7 @@ class Driver:
         # Arrivals pause while this many requests are in flight: the traffic outruns the engine (about 0.3
         # arrivals a step), and an unbounded queue (300-400 requests after 2,000 steps) only lengthened the
         # final drain (4,500-9,500 steps of no new traffic) without adding a kind of step.
-        self.max_in_flight = 4 * self.max_seqs + 8
+        self.in_flight_cap = 4 * self.max_seqs + 8
         # Live sessions as the HTTP server caps them: a session waiting for input holds a request slot.
         self.max_sessions = SessionLimits.from_env({}, self.max_seqs).max_sessions
         in_flight = request_in_flight_tokens(self.scheduler.vllm_config)
@@ -259,7 +259,7 @@ class Driver:
         try:
             self.returning_burst(self.max_seqs)
             for step in range(steps):
-                if len(self.live) >= self.max_in_flight:
+                if len(self.live) >= self.in_flight_cap:
                     pass  # the queue is full: no arrivals this step
                 elif rng.random() < 0.06:  # a burst: up to 1.5 x max_num_seqs arrivals at once
                     returning = rng.random() < 0.5

@@ -36,10 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def vllm_server(
-    model: str, args: list[str], log_path: str, timeout_s: float = 400, env: dict[str, str] | None = None
-) -> Iterator[Server]:
+def _start(model: str, args: list[str], log_path: str, env: dict[str, str] | None) -> Server:
     port = _free_port()
     vllm_cmd = shutil.which("vllm", path=os.path.dirname(sys.executable)) or "vllm"
     cmd = [vllm_cmd, "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
@@ -48,26 +45,53 @@ def vllm_server(
     proc_env.update(env or {})
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
-        server = Server(f"http://127.0.0.1:{port}", model, proc, log_path)
+    return Server(f"http://127.0.0.1:{port}", model, proc, log_path)
+
+
+def _wait_healthy(server: Server, deadline: float) -> None:
+    while True:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {server.proc.returncode}:\n{server.log()[-4000:]}")
         try:
-            deadline = time.time() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{server.log()[-4000:]}")
-                try:
-                    with urllib.request.urlopen(server.base_url + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.time() > deadline:
-                    raise TimeoutError(f"vllm serve did not become healthy:\n{server.log()[-4000:]}")
-                time.sleep(1)
-            yield server
-        finally:
-            proc.terminate()
+            with urllib.request.urlopen(server.base_url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise TimeoutError(f"vllm serve did not become healthy:\n{server.log()[-4000:]}")
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def vllm_servers(
+    specs: list[tuple[str, list[str], str, dict[str, str] | None]], timeout_s: float = 400
+) -> Iterator[list[Server]]:
+    """Starts one `vllm serve` per (model, args, log_path, env) at once and yields them when every one answers
+    /health (their start-ups overlap: on CPU most of a start is one process importing torch and vLLM, on one
+    core); stops them all."""
+    servers: list[Server] = []
+    try:
+        for spec in specs:
+            servers.append(_start(*spec))
+        deadline = time.time() + timeout_s
+        for server in servers:
+            _wait_healthy(server, deadline)
+        yield servers
+    finally:
+        for server in servers:
+            server.proc.terminate()
+        for server in servers:
             try:
-                proc.wait(timeout=30)
+                server.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                server.proc.kill()
+                server.proc.wait()
+
+
+@contextlib.contextmanager
+def vllm_server(
+    model: str, args: list[str], log_path: str, timeout_s: float = 400, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    with vllm_servers([(model, args, log_path, env)], timeout_s) as (server,):
+        yield server

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 from chat_turns import run_chats as _run
-from serving import vllm_server
+from serving import vllm_servers
 
 S, W, B = 4, 60, 16
 CHATS, TURNS = 16, 6
@@ -46,10 +46,7 @@ def side_by_side(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("replicas")
     results = {}
     dev = {"VLLM_SERVER_DEV_MODE": "1"}  # POST /reset_prefix_cache between the two policies
-    with (
-        vllm_server(path, ARGS, str(logs / "r0.log"), env=dev) as r0,
-        vllm_server(path, ARGS, str(logs / "r1.log"), env=dev) as r1,
-    ):
+    with vllm_servers([(path, ARGS, str(logs / f"r{i}.log"), dev) for i in range(2)]) as (r0, r1):
         for policy in ("affinity", "power-of-two"):
             server, thread, url = _serve_router([r0.base_url, r1.base_url], policy)
             try:
@@ -81,11 +78,11 @@ def data_parallel(model_dir, tmp_path_factory):
     with patch 19 (chat affinity), then with vLLM's balancer (VLLM_SINKS_DP_AFFINITY=0)."""
     path = model_dir()
     logs = tmp_path_factory.mktemp("dp")
-    results = {}
-    for name, flag in (("affinity", "1"), ("vllm", "0")):
-        env = {"VLLM_SINKS_DP_AFFINITY": flag}
-        with vllm_server(path, [*ARGS, "--data-parallel-size", "2"], str(logs / f"{name}.log"), env=env) as s:
-            results[name] = _run(s.base_url, path)
+    flags = {"affinity": "1", "vllm": "0"}
+    dp = [*ARGS, "--data-parallel-size", "2"]
+    specs = [(path, dp, str(logs / f"{n}.log"), {"VLLM_SINKS_DP_AFFINITY": f}) for n, f in flags.items()]
+    with vllm_servers(specs) as servers:  # both start at once; the chats run against one at a time
+        results = {name: _run(server.base_url, path) for name, server in zip(flags, servers, strict=True)}
     print(f"16 chats x 6 turns, --data-parallel-size 2: {results}")
     return results
 
